@@ -14,9 +14,9 @@ namespace lmd {
 // A linear layer's weight: dense [out, in] (HF layout), or AWQ int4 (qweight [in, out/8] int32,
 // qzeros [in/group, out/8] int32, scales [in/group, out] fp16).
 struct LinearWeight {
-  HostTensor weight;  // dense
+  HostTensor weight;                   // dense
   HostTensor qweight, qzeros, scales;  // awq
-  HostTensor bias;  // optional, [out]
+  HostTensor bias;                     // optional, [out]
   bool is_awq() const { return !qweight.empty(); }
   int64_t out_features() const;
   int64_t in_features() const;
@@ -29,9 +29,9 @@ struct LayerWeights {
 };
 
 struct CheckpointWeights {
-  HostTensor embed;  // [vocab, hidden]
+  HostTensor embed;       // [vocab, hidden]
   HostTensor final_norm;  // [hidden]
-  HostTensor lm_head;  // [vocab, hidden]; a view of embed when tied
+  HostTensor lm_head;     // [vocab, hidden]; a view of embed when tied
   std::vector<LayerWeights> layers;
   std::shared_ptr<TensorStore> store;  // keeps memory maps alive
 };

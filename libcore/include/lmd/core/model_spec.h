@@ -38,8 +38,8 @@ struct ModelSpec {
   double rope_low_freq_factor = 1.0, rope_high_freq_factor = 4.0;
   int rope_original_max_position = 8192;
   bool tie_embeddings = false;
-  bool qkv_bias = false;  // InternLM v1, Qwen2
-  bool o_bias = false;    // InternLM v1
+  bool qkv_bias = false;     // InternLM v1, Qwen2
+  bool o_bias = false;       // InternLM v1
   DType dtype = DType::F16;  // torch_dtype / dtype of the checkpoint
   int bos_id = 1;
   int eos_id = 2;

@@ -34,14 +34,18 @@ class HostTensor {
   const void* data() const { return data_; }
   void* mutable_data();  // throws on a read-only view
   template <class T>
-  const T* data_as() const { return static_cast<const T*>(data_); }
+  const T* data_as() const {
+    return static_cast<const T*>(data_);
+  }
   template <class T>
-  T* mutable_data_as() { return static_cast<T*>(mutable_data()); }
+  T* mutable_data_as() {
+    return static_cast<T*>(mutable_data());
+  }
 
   // Values converted to fp32 (float types exactly, integer types by value).
   std::vector<float> to_f32() const;
-  HostTensor to(DType dtype) const;  // owned copy in another dtype
-  HostTensor clone() const;          // owned copy
+  HostTensor to(DType dtype) const;       // owned copy in another dtype
+  HostTensor clone() const;               // owned copy
   HostTensor reshape(Shape shape) const;  // shares storage; numel must match
   // Rows [begin, end) of dim 0, sharing storage.
   HostTensor slice_rows(int64_t begin, int64_t end) const;

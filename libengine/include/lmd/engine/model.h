@@ -1,0 +1,52 @@
+// The one Llama-family model definition, written against the backend ops: embedding, RMSNorm, RoPE,
+// grouped-query attention over the paged KV cache, SwiGLU MLP, tied or untied output head. q/k/v and
+// gate/up are fused into single weights at load time.
+#pragma once
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lmd/core/checkpoint.h"
+#include "lmd/core/model_spec.h"
+#include "lmd/engine/backend.h"
+
+namespace lmd {
+
+struct ModelLayer {
+  DeviceTensor attn_norm, ffn_norm;
+  DeviceLinear qkv, o, gate_up, down;
+};
+
+class Model {
+ public:
+  // Uploads and fuses the checkpoint's weights. `progress(layer, layers)` is called after each layer.
+  Model(const ModelSpec& spec, const CheckpointWeights& weights, Backend& backend,
+        const std::function<void(int, int)>& progress = {});
+  static std::unique_ptr<Model> load(const std::filesystem::path& dir, Backend& backend,
+                                     const std::function<void(int, int)>& progress = {});
+
+  const ModelSpec& spec() const { return spec_; }
+  Backend& backend() const { return backend_; }
+  DType activation_dtype() const { return act_; }
+  size_t weight_bytes() const { return weight_bytes_; }
+  KvCacheLayout kv_layout(int num_blocks, int block_len, int quant_bits) const;
+
+  // One forward step over the new tokens `ids` laid out by `batch` (their K/V are appended to the
+  // cache). Returns fp32 logits [rows, vocab]: rows = one per sequence (its last new token), or every
+  // new token when `all_logits`.
+  std::vector<float> forward(const std::vector<int>& ids, const BatchLayout& batch, KvCacheStorage& cache,
+                             bool all_logits = false);
+
+ private:
+  ModelSpec spec_;
+  Backend& backend_;
+  DType act_;
+  DeviceTensor embed_, final_norm_;
+  DeviceLinear lm_head_;
+  std::vector<ModelLayer> layers_;
+  size_t weight_bytes_ = 0;
+};
+
+}  // namespace lmd

@@ -1,0 +1,178 @@
+#include "lmd/engine/model.h"
+
+#include <cstring>
+
+#include "lmd/core/error.h"
+
+namespace lmd {
+namespace {
+
+// Concatenates 2-D tensors along dim `axis` (0: rows, 1: columns) into an owned tensor.
+HostTensor concat(const std::vector<const HostTensor*>& parts, int axis) {
+  const HostTensor& first = *parts[0];
+  const int64_t rows = first.dim(0);
+  int64_t total = 0;
+  for (const HostTensor* p : parts) {
+    if (p->dtype() != first.dtype())
+      fail("cannot fuse tensors of dtypes ", dtype_name(first.dtype()), " and ", dtype_name(p->dtype()));
+    total += p->dim(axis);
+  }
+  const size_t esize = dtype_size(first.dtype());
+  if (first.ndim() == 1) {
+    HostTensor out(first.dtype(), {total});
+    size_t off = 0;
+    for (const HostTensor* p : parts) {
+      std::memcpy(static_cast<uint8_t*>(out.mutable_data()) + off, p->data(), p->nbytes());
+      off += p->nbytes();
+    }
+    return out;
+  }
+  Shape shape = axis == 0 ? Shape{total, first.dim(1)} : Shape{rows, total};
+  HostTensor out(first.dtype(), shape);
+  auto* dst = static_cast<uint8_t*>(out.mutable_data());
+  if (axis == 0) {
+    for (const HostTensor* p : parts) {
+      std::memcpy(dst, p->data(), p->nbytes());
+      dst += p->nbytes();
+    }
+  } else {
+    const size_t out_row = total * esize;
+    size_t col = 0;
+    for (const HostTensor* p : parts) {
+      const size_t part_row = p->dim(1) * esize;
+      for (int64_t r = 0; r < rows; ++r)
+        std::memcpy(dst + r * out_row + col, static_cast<const uint8_t*>(p->data()) + r * part_row, part_row);
+      col += part_row;
+    }
+  }
+  return out;
+}
+
+// One linear whose output is the concatenation of the parts' outputs (q|k|v, gate|up).
+LinearWeight fuse_linears(const std::vector<const LinearWeight*>& parts) {
+  LinearWeight fused;
+  auto gather = [&](auto member) {
+    std::vector<const HostTensor*> v;
+    for (const LinearWeight* p : parts) v.push_back(&(p->*member));
+    return v;
+  };
+  if (parts[0]->is_awq()) {
+    // AWQ tensors keep the output dimension in their columns.
+    fused.qweight = concat(gather(&LinearWeight::qweight), 1);
+    fused.qzeros = concat(gather(&LinearWeight::qzeros), 1);
+    fused.scales = concat(gather(&LinearWeight::scales), 1);
+  } else {
+    fused.weight = concat(gather(&LinearWeight::weight), 0);
+  }
+  bool any_bias = false;
+  for (const LinearWeight* p : parts) any_bias |= !p->bias.empty();
+  if (any_bias) {
+    std::vector<HostTensor> biases;
+    for (const LinearWeight* p : parts)
+      biases.push_back(p->bias.empty() ? HostTensor(DType::F32, {p->out_features()})
+                                       : p->bias.to(DType::F32));
+    std::vector<const HostTensor*> ptrs;
+    for (const HostTensor& b : biases) ptrs.push_back(&b);
+    fused.bias = concat(ptrs, 0);
+  }
+  return fused;
+}
+
+size_t linear_bytes(const DeviceLinear& l) {
+  return l.weight.nbytes() + l.qweight.nbytes() + l.qzeros.nbytes() + l.scales.nbytes() + l.bias.nbytes();
+}
+
+}  // namespace
+
+Model::Model(const ModelSpec& spec, const CheckpointWeights& w, Backend& backend,
+             const std::function<void(int, int)>& progress)
+    : spec_(spec), backend_(backend), act_(backend.activation_dtype(spec.dtype)) {
+  embed_ = backend_.upload(w.embed, backend_.kind() == DeviceKind::CPU ? w.embed.dtype() : act_);
+  final_norm_ = backend_.upload(w.final_norm, act_);
+  LinearWeight head;
+  head.weight = w.lm_head;
+  lm_head_ = backend_.prepare_linear(head, act_);
+  weight_bytes_ = embed_.nbytes() + final_norm_.nbytes() + (spec.tie_embeddings ? 0 : linear_bytes(lm_head_));
+  for (int l = 0; l < spec.layers; ++l) {
+    const LayerWeights& src = w.layers[l];
+    ModelLayer layer;
+    layer.attn_norm = backend_.upload(src.attn_norm, act_);
+    layer.ffn_norm = backend_.upload(src.ffn_norm, act_);
+    layer.qkv = backend_.prepare_linear(fuse_linears({&src.q, &src.k, &src.v}), act_);
+    layer.o = backend_.prepare_linear(src.o, act_);
+    layer.gate_up = backend_.prepare_linear(fuse_linears({&src.gate, &src.up}), act_);
+    layer.down = backend_.prepare_linear(src.down, act_);
+    weight_bytes_ += layer.attn_norm.nbytes() + layer.ffn_norm.nbytes() + linear_bytes(layer.qkv) +
+                     linear_bytes(layer.o) + linear_bytes(layer.gate_up) + linear_bytes(layer.down);
+    layers_.push_back(std::move(layer));
+    if (progress) progress(l + 1, spec.layers);
+  }
+}
+
+std::unique_ptr<Model> Model::load(const std::filesystem::path& dir, Backend& backend,
+                                   const std::function<void(int, int)>& progress) {
+  const ModelSpec spec = load_model_spec(dir);
+  const CheckpointWeights weights = load_checkpoint(dir, spec);
+  return std::make_unique<Model>(spec, weights, backend, progress);
+}
+
+KvCacheLayout Model::kv_layout(int num_blocks, int block_len, int quant_bits) const {
+  KvCacheLayout L;
+  L.layers = spec_.layers;
+  L.kv_heads = spec_.kv_heads;
+  L.head_dim = spec_.head_dim;
+  L.block_len = block_len;
+  L.num_blocks = num_blocks;
+  L.quant_bits = quant_bits;
+  return L;
+}
+
+std::vector<float> Model::forward(const std::vector<int>& ids, const BatchLayout& batch,
+                                  KvCacheStorage& cache, bool all_logits) {
+  const int64_t T = static_cast<int64_t>(ids.size());
+  if (T != batch.num_tokens()) fail("forward: ", T, " token ids for a batch of ", batch.num_tokens());
+  Backend& be = backend_;
+  const int H = spec_.hidden, heads = spec_.heads;
+  const int qkv_cols = spec_.q_size() + 2 * spec_.kv_size();
+  DeviceTensor residual = be.alloc(act_, {T, H});
+  DeviceTensor normed = be.alloc(act_, {T, H});
+  DeviceTensor qkv = be.alloc(act_, {T, qkv_cols});
+  DeviceTensor attn = be.alloc(act_, {T, spec_.q_size()});
+  DeviceTensor proj = be.alloc(act_, {T, H});
+  DeviceTensor gate_up = be.alloc(act_, {T, 2 * int64_t(spec_.intermediate)});
+  DeviceTensor act = be.alloc(act_, {T, spec_.intermediate});
+  const RopeConfig rope = RopeConfig::from_spec(spec_);
+
+  be.embedding(embed_, ids, residual);
+  for (int l = 0; l < spec_.layers; ++l) {
+    const ModelLayer& layer = layers_[l];
+    if (l == 0) {
+      be.rmsnorm(residual, layer.attn_norm, spec_.norm_eps, normed);
+    } else {
+      be.add_rmsnorm(residual, proj, layer.attn_norm, spec_.norm_eps, normed);
+    }
+    be.linear(normed, layer.qkv, qkv);
+    be.rope_kv_write(qkv, batch, l, heads, rope, cache);
+    be.attention(qkv, batch, l, heads, cache, attn);
+    be.linear(attn, layer.o, proj);
+    be.add_rmsnorm(residual, proj, layer.ffn_norm, spec_.norm_eps, normed);
+    be.linear(normed, layer.gate_up, gate_up);
+    be.silu_mul(gate_up, act);
+    be.linear(act, layer.down, proj);
+  }
+  be.add_rmsnorm(residual, proj, final_norm_, spec_.norm_eps, normed);
+
+  std::vector<int> rows;
+  if (all_logits) {
+    for (int t = 0; t < T; ++t) rows.push_back(t);
+  } else {
+    for (const SeqSlice& s : batch.seqs) rows.push_back(s.token_offset + s.num_new - 1);
+  }
+  DeviceTensor last = be.alloc(act_, {int64_t(rows.size()), H});
+  be.gather_rows(normed, rows, last);
+  DeviceTensor logits = be.alloc(act_, {int64_t(rows.size()), spec_.vocab});
+  be.linear(last, lm_head_, logits);
+  return be.download(logits).to_f32();
+}
+
+}  // namespace lmd
