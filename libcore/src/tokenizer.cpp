@@ -4,11 +4,11 @@
 
 #include <algorithm>
 #include <array>
-#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
+#include "json_file.h"
 #include "lmd/core/error.h"
 
 namespace lmd {
@@ -17,16 +17,6 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 namespace {
-
-json read_json(const fs::path& path) {
-  std::ifstream in(path);
-  if (!in) fail("cannot open ", path);
-  try {
-    return json::parse(in);
-  } catch (const json::exception& e) {
-    fail(path, ": not valid JSON: ", e.what());
-  }
-}
 
 // Token fields appear as "<s>" or as {"content": "<s>", ...}.
 std::optional<std::string> token_text(const json& value) {
@@ -72,7 +62,10 @@ struct Tokenizer::Impl {
   std::string anchor_text;
 
   void add_special(int id, const std::string& text) {
-    if (auto old = special_text.find(id); old != special_text.end()) special_by_text.erase(old->second);
+    // The config may rename a piece (InternLM2's placeholders); the old name no longer denotes it.
+    if (auto old = special_text.find(id); old != special_text.end() && special_by_text[old->second] == id) {
+      special_by_text.erase(old->second);
+    }
     special_text[id] = text;
     special_by_text[text] = id;
   }
@@ -143,7 +136,7 @@ struct Tokenizer::Impl {
   // Special tokens and bos/eos from one of the transformers tokenizer files.
   void apply_token_config(const fs::path& path) {
     if (!fs::exists(path)) return;
-    json config = read_json(path);
+    json config = read_json_file(path);
     if (!config.is_object()) fail(path, ": expected a JSON object");
     if (auto decoder = config.find("added_tokens_decoder"); decoder != config.end() && decoder->is_object()) {
       for (const auto& [key, entry] : decoder->items()) {
