@@ -26,7 +26,8 @@ std::string trim(const std::string& s) {
 }
 
 void run_chat(const ChatOptions& opt) {
-  std::unique_ptr<Runtime> rt = load_runtime(opt.model_path, opt.engine, std::cerr);
+  const std::string path = opt.model_path.empty() ? std::string(LMD_DEMO_MODEL_DIR) : opt.model_path;
+  std::unique_ptr<Runtime> rt = load_runtime(path, opt.engine, std::cerr);
   const bool interactive = isatty(STDIN_FILENO);
   const ChatTemplate& tmpl = *rt->chat_template;
   const Tokenizer& tok = *rt->tokenizer;
@@ -92,7 +93,9 @@ void run_chat(const ChatOptions& opt) {
 void add_chat_command(CLI::App& app) {
   auto opt = std::make_shared<ChatOptions>();
   CLI::App* cmd = app.add_subcommand("chat", "Chat with a model in the terminal (`exit` quits, `end` starts a new session)");
-  cli::add_model_path(*cmd, opt->model_path);
+  // With no model given, chat with the demo model bundled in the source tree.
+  cli::add_model_path(*cmd, opt->model_path)->required(false)->description(
+      "Hugging Face model folder (or give it with --model); default: the bundled stories260K demo");
   cli::add_engine_options(*cmd, opt->engine);
   cli::add_sampling_options(*cmd, opt->sampling);
   cmd->add_option("--meta-instruction", opt->meta_instruction, "System text for the conversation");
