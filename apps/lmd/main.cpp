@@ -1,6 +1,7 @@
 // lmd: one executable, many subcommands; each lives in its own file and registers itself here.
 #include <CLI/CLI.hpp>
 
+#include "bench.h"
 #include "chat.h"
 #include "cli_common.h"
 
@@ -10,5 +11,6 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_version_flag("--version", "lmd 0.1.0");
   lmd::add_chat_command(app);
+  lmd::add_bench_command(app);
   return lmd::cli::run_cli(argc, argv, app);
 }
