@@ -39,6 +39,9 @@ struct CheckpointWeights {
 // Loads and maps every tensor; throws lmd::Error naming the tensor and file on a missing tensor,
 // a wrong shape or an unsupported dtype.
 CheckpointWeights load_checkpoint(const std::filesystem::path& model_dir, const ModelSpec& spec);
-CheckpointWeights map_checkpoint(std::shared_ptr<TensorStore> store, const ModelSpec& spec);
+// `model_dir` only names the checkpoint in messages about missing tensors; when empty, the folder of
+// the store's files is used.
+CheckpointWeights map_checkpoint(std::shared_ptr<TensorStore> store, const ModelSpec& spec,
+                                 const std::filesystem::path& model_dir = {});
 
 }  // namespace lmd

@@ -1,7 +1,9 @@
 // One description of a Llama-family model, read from a Hugging Face config.json (BRIEF §3).
 #pragma once
 #include <filesystem>
+#include <optional>
 #include <string>
+#include <string_view>
 
 #include "lmd/core/dtype.h"
 
@@ -9,6 +11,8 @@ namespace lmd {
 
 enum class Arch { Llama, InternLM, InternLM2, Qwen2 };
 const char* arch_name(Arch a);  // the config.json model_type spelling
+// The Arch a config.json model_type names, or nullopt for a type lmd does not support.
+std::optional<Arch> arch_from_model_type(std::string_view model_type);
 
 enum class RopeScaling { None, Linear, Dynamic, Llama3 };
 
@@ -38,9 +42,9 @@ struct ModelSpec {
   double rope_low_freq_factor = 1.0, rope_high_freq_factor = 4.0;
   int rope_original_max_position = 8192;
   bool tie_embeddings = false;
-  bool qkv_bias = false;     // InternLM v1, Qwen2
-  bool o_bias = false;       // InternLM v1
-  DType dtype = DType::F16;  // torch_dtype / dtype of the checkpoint
+  bool qkv_bias = false;     // q/k/v (InternLM2: wqkv): InternLM, InternLM2 with bias, Qwen2, attention_bias
+  bool o_bias = false;       // o (InternLM2: wo): InternLM, InternLM2 with bias, attention_bias
+  DType dtype = DType::F16;  // torch_dtype / dtype of the checkpoint; F16 when config.json names none
   int bos_id = 1;
   int eos_id = 2;
   AwqConfig awq;

@@ -1,0 +1,14 @@
+// lmd: one executable, many subcommands; each lives in its own file and registers itself here.
+#include <CLI/CLI.hpp>
+
+#include "chat.h"
+#include "cli_common.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"lmd: quantize, convert and serve Llama-family chat models", "lmd"};
+  lmd::cli::apply_conventions(app);
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "lmd 0.1.0");
+  lmd::add_chat_command(app);
+  return lmd::cli::run_cli(argc, argv, app);
+}

@@ -1,0 +1,133 @@
+#include "runtime.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <random>
+
+#include "lmd/core/error.h"
+#include "lmd/engine/cpu_backend.h"
+#if defined(LMD_HAVE_CUDA)
+#include "lmd/cuda/cuda_backend.h"
+#endif
+
+namespace lmd {
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+std::string gib(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f GiB", bytes / kGiB);
+  return buf;
+}
+
+}  // namespace
+
+std::vector<int> Runtime::stop_token_ids() const {
+  std::vector<int> ids;
+  if (spec().eos_id >= 0) ids.push_back(spec().eos_id);
+  if (tokenizer && chat_template) {
+    for (const std::string& word : chat_template->stop_words())
+      if (auto id = tokenizer->special_id(word)) ids.push_back(*id);
+  }
+  return ids;
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& device, int cpu_threads) {
+  if (device == "cpu") return std::make_unique<CpuBackend>(cpu_threads);
+#if defined(LMD_HAVE_CUDA)
+  if (device == "cuda" || device == "auto") {
+    if (cuda_device_available()) return std::make_unique<CudaBackend>();
+    if (device == "cuda") fail("--device cuda: no CUDA device is available on this machine (use --device cpu)");
+  }
+#else
+  if (device == "cuda")
+    fail("--device cuda: this lmd was built without the CUDA backend (rebuild with a CUDA toolkit, or use --device cpu)");
+#endif
+  if (device != "auto") fail("--device must be auto, cpu or cuda, got '", device, "'");
+  return std::make_unique<CpuBackend>(cpu_threads);
+}
+
+std::unique_ptr<Runtime> load_runtime(const std::string& model_path, const cli::EngineOptions& options,
+                                      std::ostream& log) {
+  namespace fs = std::filesystem;
+  auto rt = std::make_unique<Runtime>();
+  rt->model_dir = model_path;
+  if (!fs::is_directory(rt->model_dir))
+    fail("model path '", model_path, "' is not a directory (expected a Hugging Face checkpoint folder)");
+  const ModelSpec spec = load_model_spec(rt->model_dir);
+  if (options.model_format == "awq" && !spec.awq.enabled)
+    fail("--model-format awq: ", (rt->model_dir / "config.json").string(),
+         " has no AWQ quantization_config (quantize it with `lmd lite auto_awq` first)");
+  if (!options.model_format.empty() && options.model_format != "hf" && options.model_format != "awq")
+    fail("--model-format must be hf or awq, got '", options.model_format, "'");
+  if (options.tp != 1) fail("--tp ", options.tp, ": tensor parallelism is not available yet; use --tp 1");
+
+  rt->backend = make_backend(options.device, options.threads);
+  log << "lmd: loading " << model_path << " on " << rt->backend->name() << "\n";
+  const auto t0 = std::chrono::steady_clock::now();
+  const CheckpointWeights weights = load_checkpoint(rt->model_dir, spec);
+  rt->tokenizer = Tokenizer::load(rt->model_dir);
+  rt->chat_template = select_chat_template(rt->model_dir, options.chat_template);
+  rt->model = std::make_unique<Model>(spec, weights, *rt->backend, [&](int done, int total) {
+    log << "\rlmd: layer " << done << "/" << total << std::flush;
+  });
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  log << "\rlmd: " << arch_name(spec.arch) << ", " << spec.layers << " layers, hidden " << spec.hidden << ", "
+      << spec.heads << " heads / " << spec.kv_heads << " KV heads, vocab " << spec.vocab << ", "
+      << spec.param_count() / 1e6 << "M params, " << (spec.awq.enabled ? "awq int4 + " : "")
+      << dtype_name(spec.dtype) << " weights, " << gib(rt->model->weight_bytes()) << ", loaded in " << secs
+      << " s\n";
+  log << "lmd: chat template " << rt->chat_template->name() << "\n";
+
+  EngineConfig& cfg = rt->engine_config;
+  cfg.block_len = options.cache_block_seq_len;
+  if (cfg.block_len <= 0) fail("--cache-block-seq-len must be positive, got ", cfg.block_len);
+  cfg.session_len = options.session_len > 0 ? options.session_len : spec.max_position;
+  cfg.max_batch_size = options.max_batch_size;
+  cfg.max_prefill_tokens = options.max_prefill_token_num;
+  cfg.quant_bits = options.quant_policy;
+  const KvCacheLayout one = rt->model->kv_layout(1, cfg.block_len, cfg.quant_bits);
+  const KvCacheStorage probe = rt->backend->alloc_kv_cache(one, rt->model->activation_dtype());
+  const double block_bytes = double(probe.data.nbytes() + probe.params.nbytes());
+  const int blocks_per_session = blocks_for(cfg.session_len, cfg.block_len);
+  if (options.cache_max_entry_count >= 1) {
+    cfg.num_blocks = int(options.cache_max_entry_count);
+  } else if (options.cache_max_entry_count > 0) {
+    double budget = options.cache_max_entry_count * double(rt->backend->free_memory());
+    cfg.num_blocks = int(budget / block_bytes);
+    if (rt->backend->kind() == DeviceKind::CPU) {
+      // Host memory is shared with everything else: never reserve more than the batch can use.
+      cfg.num_blocks = std::min<int64_t>(cfg.num_blocks, int64_t(blocks_per_session) * cfg.max_batch_size);
+    }
+  } else {
+    fail("--cache-max-entry-count must be > 0, got ", options.cache_max_entry_count);
+  }
+  if (cfg.num_blocks < 1)
+    fail("--cache-max-entry-count ", options.cache_max_entry_count, " leaves no memory for the KV cache (",
+         gib(rt->backend->free_memory()), " free after loading the weights)");
+  const int64_t tokens = int64_t(cfg.num_blocks) * cfg.block_len;
+  log << "lmd: KV cache " << gib(block_bytes * cfg.num_blocks) << " = " << cfg.num_blocks << " blocks x "
+      << cfg.block_len << " tokens = " << tokens << " tokens"
+      << (cfg.quant_bits ? " (int" + std::to_string(cfg.quant_bits) + " KV)" : std::string()) << "\n";
+  if (tokens < cfg.session_len)
+    log << "lmd: warning: --session-len " << cfg.session_len << " does not fit in the KV cache; at most " << tokens
+        << " tokens fit (raise --cache-max-entry-count or lower --session-len)\n";
+  rt->engine = std::make_unique<Engine>(*rt->model, cfg);
+  return rt;
+}
+
+GenerationConfig generation_config(const cli::SamplingOptions& o) {
+  GenerationConfig g;
+  g.max_new_tokens = o.max_new_tokens;
+  g.sampling.temperature = float(o.temperature);
+  g.sampling.top_k = o.top_k;
+  g.sampling.top_p = float(o.top_p);
+  g.sampling.min_p = float(o.min_p);
+  g.sampling.repetition_penalty = float(o.repetition_penalty);
+  g.sampling.seed = o.seed ? *o.seed : std::random_device{}();
+  return g;
+}
+
+}  // namespace lmd
