@@ -68,8 +68,8 @@ __device__ void load_tile(const KvGeometry& g, const int* blocks, int kvhead, in
       continue;
     }
     const int64_t index = cache_row(g, blocks[pos / g.block_len], kv, kvhead, pos % g.block_len);
-    const uint32_t q = reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(cache) +
-                                                         index * row_bytes)[c];
+    const uint32_t q =
+        reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(cache) + index * row_bytes)[c];
     const float scale = __half2float(__ushort_as_half(params[index * 2]));
     const float zero = __half2float(__ushort_as_half(params[index * 2 + 1]));
     const int bits = g.quant_bits, mask = (1 << bits) - 1;
@@ -96,7 +96,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 
   for (int i = threadIdx.x; i < rows * hd; i += blockDim.x) {
     const int r = i / hd, d = i % hd;
-    const int token = w.token_begin + r / w.head_count, head = kvhead * group + w.head_begin + r % w.head_count;
+    const int token = w.token_begin + r / w.head_count,
+              head = kvhead * group + w.head_begin + r % w.head_count;
     q_s[i] = to_f32(qkv[token * qkv_row + int64_t(head) * hd + d]);
   }
   __syncthreads();
@@ -176,7 +177,8 @@ __global__ void __launch_bounds__(kWarps * 32)
         a += slot[2 + d] * f;
       }
     }
-    const int token = w.token_begin + r / w.head_count, head = kvhead * group + w.head_begin + r % w.head_count;
+    const int token = w.token_begin + r / w.head_count,
+              head = kvhead * group + w.head_begin + r % w.head_count;
     if (w.partial < 0) {
       out[int64_t(token) * heads * hd + int64_t(head) * hd + d] = from_f32<T>(a / lsum);
     } else {
@@ -208,7 +210,8 @@ __global__ void combine_kernel(int heads, KvGeometry g, const AttnCombine* combi
       lsum += p[1] * f;
       a += p[2 + d] * f;
     }
-    const int token = c.token_begin + r / c.head_count, head = kvhead * group + c.head_begin + r % c.head_count;
+    const int token = c.token_begin + r / c.head_count,
+              head = kvhead * group + c.head_begin + r % c.head_count;
     out[int64_t(token) * heads * hd + int64_t(head) * hd + d] = from_f32<T>(a / lsum);
   }
 }
@@ -238,8 +241,9 @@ void launch(const void* qkv, int heads, const KvGeometry& g, const AttnWork* wor
     configured = true;
   }
   const dim3 grid(num_work, g.kv_heads);
-  kernel<<<grid, kWarps * 32, smem, stream>>>(static_cast<const T*>(qkv), heads, g, work, blocks, cache, params,
-                                               partials, static_cast<T*>(out), 1.f / sqrtf(float(g.head_dim)));
+  kernel<<<grid, kWarps * 32, smem, stream>>>(static_cast<const T*>(qkv), heads, g, work, blocks, cache,
+                                              params, partials, static_cast<T*>(out),
+                                              1.f / sqrtf(float(g.head_dim)));
   LMD_CUDA_LAUNCHED();
 }
 
@@ -265,7 +269,8 @@ void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, con
   dispatch_float(dtype, [&](auto t) {
     using T = decltype(t);
     if (attention_smem(g.head_dim, sizeof(T), attn_max_rows(g.head_dim)) > 227 * 1024)
-      fail("CUDA attention: head_dim ", g.head_dim, " in ", dtype_name(dtype), " needs too much shared memory");
+      fail("CUDA attention: head_dim ", g.head_dim, " in ", dtype_name(dtype),
+           " needs too much shared memory");
     switch (dpl) {
       case 1:
         launch<T, 1>(qkv, heads, g, work, num_work, blocks, cache, params, partials, out, stream);

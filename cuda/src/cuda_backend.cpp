@@ -151,7 +151,9 @@ CudaBackend::~CudaBackend() {
   cudaStreamDestroy(state_->stream);
 }
 
-std::string CudaBackend::name() const { return "cuda:" + std::to_string(state_->device) + " (" + state_->device_name + ")"; }
+std::string CudaBackend::name() const {
+  return "cuda:" + std::to_string(state_->device) + " (" + state_->device_name + ")";
+}
 
 DType CudaBackend::activation_dtype(DType weight_dtype) const {
   if (activation_) return *activation_;
@@ -191,7 +193,8 @@ DeviceTensor CudaBackend::upload(const HostTensor& host, DType dtype) {
 HostTensor CudaBackend::download(const DeviceTensor& t) {
   HostTensor h(t.dtype, t.shape);
   if (t.nbytes() == 0) return h;
-  LMD_CUDA_CHECK(cudaMemcpyAsync(h.mutable_data(), t.data, t.nbytes(), cudaMemcpyDeviceToHost, state_->stream));
+  LMD_CUDA_CHECK(
+      cudaMemcpyAsync(h.mutable_data(), t.data, t.nbytes(), cudaMemcpyDeviceToHost, state_->stream));
   LMD_CUDA_CHECK(cudaStreamSynchronize(state_->stream));
   return h;
 }
@@ -219,7 +222,8 @@ KvCacheStorage CudaBackend::alloc_kv_cache(const KvCacheLayout& layout, DType co
   if (layout.quant_bits == 0) {
     cache.data = alloc(compute, {layout.num_blocks, rows * layout.head_dim});
   } else {
-    cache.data = alloc(DType::U8, {layout.num_blocks, rows * kv_row_bytes(layout.head_dim, layout.quant_bits)});
+    cache.data =
+        alloc(DType::U8, {layout.num_blocks, rows * kv_row_bytes(layout.head_dim, layout.quant_bits)});
     cache.params = alloc(DType::F16, {layout.num_blocks, rows * 2});
     LMD_CUDA_CHECK(cudaMemsetAsync(cache.params.data, 0, cache.params.nbytes(), state_->stream));
   }
@@ -241,8 +245,8 @@ const int* CudaBackend::upload_meta(int slot, const std::vector<int>& values) {
   if (!m.dev.empty() && m.host == values) return m.dev.as<int>();
   m.host = values;
   m.dev = alloc(DType::I32, {int64_t(std::max<size_t>(values.size(), 1))});
-  LMD_CUDA_CHECK(cudaMemcpyAsync(m.dev.data, m.host.data(), values.size() * sizeof(int), cudaMemcpyHostToDevice,
-                                 state_->stream));
+  LMD_CUDA_CHECK(cudaMemcpyAsync(m.dev.data, m.host.data(), values.size() * sizeof(int),
+                                 cudaMemcpyHostToDevice, state_->stream));
   return m.dev.as<int>();
 }
 
@@ -261,10 +265,10 @@ void CudaBackend::gather_rows(const DeviceTensor& x, const std::vector<int>& row
   for (int r : rows)
     if (r < 0 || r >= n) fail("CUDA gather_rows: row ", r, " is outside [0, ", n, ")");
   DeviceTensor idx = alloc(DType::I32, {int64_t(rows.size())});
-  LMD_CUDA_CHECK(
-      cudaMemcpyAsync(idx.data, rows.data(), rows.size() * sizeof(int), cudaMemcpyHostToDevice, state_->stream));
-  cuda::gather_rows(x.data, idx.as<int>(), int(rows.size()), x.dim(-1) * int64_t(dtype_size(x.dtype)), out.data,
-                    state_->stream);
+  LMD_CUDA_CHECK(cudaMemcpyAsync(idx.data, rows.data(), rows.size() * sizeof(int), cudaMemcpyHostToDevice,
+                                 state_->stream));
+  cuda::gather_rows(x.data, idx.as<int>(), int(rows.size()), x.dim(-1) * int64_t(dtype_size(x.dtype)),
+                    out.data, state_->stream);
 }
 
 void CudaBackend::rmsnorm(const DeviceTensor& x, const DeviceTensor& weight, float eps, DeviceTensor& out) {
@@ -274,8 +278,8 @@ void CudaBackend::rmsnorm(const DeviceTensor& x, const DeviceTensor& weight, flo
   cuda::rmsnorm(x.dtype, x.data, nullptr, weight.data, eps, x.numel() / n, n, out.data, state_->stream);
 }
 
-void CudaBackend::add_rmsnorm(DeviceTensor& residual, const DeviceTensor& x, const DeviceTensor& weight, float eps,
-                              DeviceTensor& out) {
+void CudaBackend::add_rmsnorm(DeviceTensor& residual, const DeviceTensor& x, const DeviceTensor& weight,
+                              float eps, DeviceTensor& out) {
   require_same(x, residual, "add_rmsnorm");
   require_same(x, weight, "add_rmsnorm");
   require_same(x, out, "add_rmsnorm");
@@ -293,9 +297,9 @@ void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTen
   // Row-major out[T, out] = x[T, in] W[out, in]^T is column-major out^T = W^T(op T) x^T.
   const float alpha = 1.f, beta = 0.f;
   const cudaDataType type = cuda_type(x.dtype);
-  LMD_CUBLAS_CHECK(cublasGemmEx(state_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(outf), int(tokens), int(in), &alpha,
-                                w.weight.data, type, int(in), x.data, type, int(in), &beta, out.data, type,
-                                int(outf), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  LMD_CUBLAS_CHECK(cublasGemmEx(state_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(outf), int(tokens), int(in),
+                                &alpha, w.weight.data, type, int(in), x.data, type, int(in), &beta, out.data,
+                                type, int(outf), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   if (!w.bias.empty()) {
     require_same(x, w.bias, "linear bias");
     cuda::add_bias(x.dtype, out.data, w.bias.data, tokens, int(outf), state_->stream);
@@ -307,7 +311,8 @@ void CudaBackend::rope_kv_write(DeviceTensor& qkv, const BatchLayout& batch, int
   const KvCacheLayout& L = cache.layout;
   const int tokens = batch.num_tokens(), half = L.head_dim / 2;
   if (qkv.dim(-1) != int64_t(heads + 2 * L.kv_heads) * L.head_dim)
-    fail("CUDA rope_kv_write: qkv has ", qkv.dim(-1), " columns, expected ", (heads + 2 * L.kv_heads) * L.head_dim);
+    fail("CUDA rope_kv_write: qkv has ", qkv.dim(-1), " columns, expected ",
+         (heads + 2 * L.kv_heads) * L.head_dim);
   if (L.quant_bits == 0) require_same(qkv, cache.data, "rope_kv_write (cache)");
   if (tokens == 0) return;
   // meta: token_seq [T], token_pos [T], seq_block_off [S], blocks..., inv_freq [S, half] (float bits).
@@ -355,7 +360,8 @@ void CudaBackend::attention(const DeviceTensor& qkv, const BatchLayout& batch, i
     for (int t = 0; t < q.num_new; t += tokens_per_item)
       for (int h = 0; h < group; h += head_chunk) {
         const int count = std::min(tokens_per_item, q.num_new - t);
-        items.push_back({s, q.token_offset + t, count, h, std::min(head_chunk, group - h), q.context_len + t + count});
+        items.push_back(
+            {s, q.token_offset + t, count, h, std::min(head_chunk, group - h), q.context_len + t + count});
       }
   }
   if (items.empty()) return;
@@ -381,8 +387,9 @@ void CudaBackend::attention(const DeviceTensor& qkv, const BatchLayout& batch, i
     if (splits > 1)
       combine.push_back({it.token_begin, it.token_count, it.head_begin, it.head_count, partials, splits});
     for (int s = 0; s < splits; ++s)
-      work.push_back({it.token_begin, it.token_count, it.head_begin, it.head_count, first_pos, block_off[it.seq],
-                      s * chunk, std::min(it.kv_len, (s + 1) * chunk), splits > 1 ? partials + s : -1});
+      work.push_back({it.token_begin, it.token_count, it.head_begin, it.head_count, first_pos,
+                      block_off[it.seq], s * chunk, std::min(it.kv_len, (s + 1) * chunk),
+                      splits > 1 ? partials + s : -1});
     if (splits > 1) partials += splits;
   }
   static_assert(sizeof(cuda::AttnWork) == 9 * sizeof(int) && sizeof(cuda::AttnCombine) == 6 * sizeof(int));
@@ -396,16 +403,18 @@ void CudaBackend::attention(const DeviceTensor& qkv, const BatchLayout& batch, i
   const cuda::KvGeometry g{L.layers, L.kv_heads, L.head_dim, L.block_len, layer, L.quant_bits};
   DeviceTensor scratch;
   if (partials > 0) scratch = alloc(DType::F32, {cuda::attn_partial_floats(partials, g)});
-  cuda::attention(qkv.dtype, qkv.data, heads, g, reinterpret_cast<const cuda::AttnWork*>(dev), int(work.size()),
-                  reinterpret_cast<const cuda::AttnCombine*>(dev + work.size() * 9), int(combine.size()),
-                  dev + blocks_off, cache.data.data, cache.params.empty() ? nullptr : cache.params.as<uint16_t>(),
+  cuda::attention(qkv.dtype, qkv.data, heads, g, reinterpret_cast<const cuda::AttnWork*>(dev),
+                  int(work.size()), reinterpret_cast<const cuda::AttnCombine*>(dev + work.size() * 9),
+                  int(combine.size()), dev + blocks_off, cache.data.data,
+                  cache.params.empty() ? nullptr : cache.params.as<uint16_t>(),
                   scratch.empty() ? nullptr : scratch.as<float>(), out.data, state_->stream);
 }
 
 void CudaBackend::silu_mul(const DeviceTensor& gate_up, DeviceTensor& out) {
   require_same(gate_up, out, "silu_mul");
   const int inter = int(out.dim(-1));
-  if (gate_up.dim(-1) != 2 * int64_t(inter)) fail("CUDA silu_mul: gate_up has ", gate_up.dim(-1), " columns, expected ", 2 * inter);
+  if (gate_up.dim(-1) != 2 * int64_t(inter))
+    fail("CUDA silu_mul: gate_up has ", gate_up.dim(-1), " columns, expected ", 2 * inter);
   cuda::silu_mul(out.dtype, gate_up.data, out.numel() / inter, inter, out.data, state_->stream);
 }
 

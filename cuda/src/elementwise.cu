@@ -96,9 +96,9 @@ void rmsnorm(DType dtype, const void* x, void* residual, const void* w, float ep
   if (rows == 0) return;
   dispatch_float(dtype, [&](auto t) {
     using T = decltype(t);
-    rmsnorm_kernel<T><<<unsigned(rows), kNormThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<T*>(residual), static_cast<const T*>(w), eps, n,
-        static_cast<T*>(out));
+    rmsnorm_kernel<T>
+        <<<unsigned(rows), kNormThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(residual),
+                                                      static_cast<const T*>(w), eps, n, static_cast<T*>(out));
   });
   LMD_CUDA_LAUNCHED();
 }

@@ -54,9 +54,7 @@ __global__ void __launch_bounds__(kRopeWarps * 32)
       const __half scale_h = __float2half_rn((hi - lo) / qmax), zero_h = __float2half_rn(lo);
       const float scale = __half2float(scale_h), zero = __half2float(zero_h);
       const float inv = scale > 0.f ? 1.f / scale : 0.f;
-      auto quant = [&](float x) {
-        return unsigned(min(max(int(rintf((x - zero) * inv)), 0), qmax));
-      };
+      auto quant = [&](float x) { return unsigned(min(max(int(rintf((x - zero) * inv)), 0), qmax)); };
       uint8_t* dst = static_cast<uint8_t*>(cache) + index * kv_row_bytes(g);
       if (g.quant_bits == 8) {
         for (int d = lane; d < hd; d += 32) dst[d] = uint8_t(quant(buf[d]));
@@ -82,9 +80,8 @@ void rope_kv_write(DType dtype, void* qkv, int tokens, int heads, const KvGeomet
   const size_t smem = size_t(kRopeWarps) * g.head_dim * sizeof(float);
   dispatch_float(dtype, [&](auto t) {
     using T = decltype(t);
-    rope_kv_kernel<T><<<tokens, kRopeWarps * 32, smem, stream>>>(static_cast<T*>(qkv), heads, g, token_seq,
-                                                                 token_pos, seq_block_off, blocks, inv_freq,
-                                                                 cache, params);
+    rope_kv_kernel<T><<<tokens, kRopeWarps * 32, smem, stream>>>(
+        static_cast<T*>(qkv), heads, g, token_seq, token_pos, seq_block_off, blocks, inv_freq, cache, params);
   });
   LMD_CUDA_LAUNCHED();
 }
