@@ -14,12 +14,13 @@ mkdir -p "$PREFIX" "$LOGS"
 if [[ -z "${LMD_TEST_ASSETS:-}" && -d "$ROOT/assets/models" ]]; then export LMD_TEST_ASSETS=$ROOT/assets; fi
 
 for f in "$DEBS"/*.deb; do dpkg -x "$f" "$PREFIX" || exit 1; done
+# The packages' .pc files say prefix=/usr; point them at the unpacked copy (headers and library agree).
+sed -i "s|^prefix=/usr\$|prefix=$PREFIX/usr|" "$PREFIX"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc
 export LD_LIBRARY_PATH=$PREFIX/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 nvcc --version | tail -1
 
-# --define-prefix: the packages' .pc files say /usr; make pkg-config read them relative to the prefix.
-if ! cmake -S "$ROOT" -B "$BUILD" -DCMAKE_PREFIX_PATH="$PREFIX/usr" -DPKG_CONFIG_ARGN=--define-prefix \
+if ! cmake -S "$ROOT" -B "$BUILD" -DCMAKE_PREFIX_PATH="$PREFIX/usr" \
     -DCMAKE_CUDA_ARCHITECTURES=90a -DCMAKE_BUILD_TYPE=Release >"$LOGS/configure.log" 2>&1; then
   tail -40 "$LOGS/configure.log"
   exit 1
