@@ -18,24 +18,35 @@ __global__ void gather_rows_kernel(const V* src, const int* rows, int64_t row_ve
 
 constexpr int kNormThreads = 256;
 
+// V consecutive elements, loaded and stored as one access (16 bytes when V = 16 / sizeof(T)).
+template <class T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
 // One block per row. The residual sum is rounded to T before it is squared, so the norm sees exactly
-// the residual later layers read.
-template <class T>
+// the residual later layers read. Version 1 loaded one element per access: with it the non-GEMM ops took
+// 2.4 of the 6.25 ms of a Llama-2-7B-shaped decode step on an H200 (docs/benchmarks.md); rows are now
+// read in 16-byte packs.
+template <class T, int V>
 __global__ void rmsnorm_kernel(const T* x, T* residual, const T* w, float eps, int n, T* out) {
-  const int64_t base = int64_t(blockIdx.x) * n;
+  using P = Pack<T, V>;
+  const int packs = n / V;
+  const int64_t base = int64_t(blockIdx.x) * packs;
+  const P* xp = reinterpret_cast<const P*>(x) + base;
+  P* rp = residual != nullptr ? reinterpret_cast<P*>(residual) + base : nullptr;
   float ss = 0.f;
-  if (residual != nullptr) {
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      const T sum = from_f32<T>(to_f32(residual[base + i]) + to_f32(x[base + i]));
-      residual[base + i] = sum;
-      const float v = to_f32(sum);
-      ss += v * v;
+  for (int i = threadIdx.x; i < packs; i += blockDim.x) {
+    P a = xp[i];
+    if (rp != nullptr) {
+      P r = rp[i];
+#pragma unroll
+      for (int k = 0; k < V; ++k) r.v[k] = from_f32<T>(to_f32(r.v[k]) + to_f32(a.v[k]));
+      rp[i] = r;
+      a = r;
     }
-  } else {
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      const float v = to_f32(x[base + i]);
-      ss += v * v;
-    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) ss += to_f32(a.v[k]) * to_f32(a.v[k]);
   }
   __shared__ float partial[kNormThreads / 32];
   ss = warp_sum(ss);
@@ -44,11 +55,20 @@ __global__ void rmsnorm_kernel(const T* x, T* residual, const T* w, float eps, i
   float total = 0.f;
   for (int i = 0; i < kNormThreads / 32; ++i) total += partial[i];
   const float inv = rsqrtf(total / n + eps);
-  const T* src = residual != nullptr ? residual : x;
-  // Each thread rereads only the elements it wrote above, so no barrier is needed for residual.
-  for (int i = threadIdx.x; i < n; i += blockDim.x)
-    out[base + i] = from_f32<T>(to_f32(src[base + i]) * inv * to_f32(w[i]));
+  // Each thread rereads only the packs it wrote above, so no barrier is needed for residual.
+  const P* src = rp != nullptr ? rp : xp;
+  const P* wp = reinterpret_cast<const P*>(w);
+  P* op = reinterpret_cast<P*>(out) + base;
+  for (int i = threadIdx.x; i < packs; i += blockDim.x) {
+    const P a = src[i], wv = wp[i];
+    P o;
+#pragma unroll
+    for (int k = 0; k < V; ++k) o.v[k] = from_f32<T>(to_f32(a.v[k]) * inv * to_f32(wv.v[k]));
+    op[i] = o;
+  }
 }
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <class T>
 __global__ void silu_mul_kernel(const T* gu, int64_t rows, int inter, T* out) {
@@ -96,9 +116,13 @@ void rmsnorm(DType dtype, const void* x, void* residual, const void* w, float ep
   if (rows == 0) return;
   dispatch_float(dtype, [&](auto t) {
     using T = decltype(t);
-    rmsnorm_kernel<T>
-        <<<unsigned(rows), kNormThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(residual),
-                                                      static_cast<const T*>(w), eps, n, static_cast<T*>(out));
+    constexpr int kV = 16 / sizeof(T);
+    const bool packed = n % kV == 0 && aligned16(x) && aligned16(w) && aligned16(out) &&
+                        (residual == nullptr || aligned16(residual));
+    auto kernel = packed ? &rmsnorm_kernel<T, kV> : &rmsnorm_kernel<T, 1>;
+    kernel<<<unsigned(rows), kNormThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(residual),
+                                                        static_cast<const T*>(w), eps, n,
+                                                        static_cast<T*>(out));
   });
   LMD_CUDA_LAUNCHED();
 }

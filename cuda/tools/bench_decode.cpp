@@ -71,12 +71,15 @@ int main() try {
   const DeviceTensor pattern =
       be.upload(HostTensor::from_f32(pattern_f, {int64_t(pattern_f.size())}), DType::F16);
   size_t weight_bytes = 0;
-  auto random_tensor = [&](Shape shape) {
-    DeviceTensor t = be.alloc(DType::F16, std::move(shape));
+  auto fill_random = [&](DeviceTensor& t) {
     for (size_t off = 0; off < t.nbytes(); off += pattern.nbytes())
       CHECK_CUDA(cudaMemcpyAsync(static_cast<char*>(t.data) + off, pattern.data,
                                  std::min(pattern.nbytes(), t.nbytes() - off), cudaMemcpyDeviceToDevice,
                                  stream));
+  };
+  auto random_tensor = [&](Shape shape) {
+    DeviceTensor t = be.alloc(DType::F16, std::move(shape));
+    fill_random(t);
     weight_bytes += t.nbytes();
     return t;
   };
@@ -96,17 +99,19 @@ int main() try {
   be.synchronize();
 
   const int context = 128, block_len = 64;
-  KvCacheLayout L{kLayers, kHeads, kHeadDim, block_len, 2048 / block_len, 0};
+  const int long_context = 4096;
+  KvCacheLayout L{kLayers, kHeads, kHeadDim, block_len, (long_context + block_len) / block_len, 0};
   KvCacheStorage cache = be.alloc_kv_cache(L, DType::F16);
+  fill_random(cache.data);  // attention at long contexts reads real values, not the zeroed pool
   RopeConfig rope;
   rope.head_dim = kHeadDim;
   std::vector<int> blocks(L.num_blocks);
   for (int i = 0; i < L.num_blocks; ++i) blocks[i] = i;
 
-  // One forward step of `tokens` new tokens after `ctx` cached ones (the model's op sequence).
-  auto step = [&](int tokens, int ctx, bool linears_only) {
-    static std::map<int, std::vector<DeviceTensor>> bufs;  // per token count: residual, normed, qkv, ...
-    auto& b = bufs[tokens];
+  // Activations per token count: residual, normed, qkv, attn, proj, gate_up, act, last row, logits.
+  std::map<int, std::vector<DeviceTensor>> buffers;
+  auto bufs = [&](int tokens) -> std::vector<DeviceTensor>& {
+    auto& b = buffers[tokens];
     if (b.empty()) {
       for (int64_t cols : {kHidden, kHidden, 3 * kHidden, kHidden, kHidden, 2 * kInter, kInter})
         b.push_back(be.upload(HostTensor::from_f32(std::vector<float>(tokens * cols, 0.01f), {tokens, cols}),
@@ -114,10 +119,20 @@ int main() try {
       b.push_back(be.alloc(DType::F16, {1, kHidden}));
       b.push_back(be.alloc(DType::F16, {1, kVocab}));
     }
-    DeviceTensor &res = b[0], &normed = b[1], &qkv = b[2], &attn = b[3], &proj = b[4], &gu = b[5],
-                 &act = b[6];
+    return b;
+  };
+  auto decode_batch = [&](int tokens, int ctx) {
     BatchLayout batch;
     batch.seqs.push_back({0, tokens, ctx, blocks});
+    return batch;
+  };
+
+  // One forward step of `tokens` new tokens after `ctx` cached ones (the model's op sequence).
+  auto step = [&](int tokens, int ctx, bool linears_only) {
+    auto& b = bufs(tokens);
+    DeviceTensor &res = b[0], &normed = b[1], &qkv = b[2], &attn = b[3], &proj = b[4], &gu = b[5],
+                 &act = b[6];
+    const BatchLayout batch = decode_batch(tokens, ctx);
     for (int l = 0; l < kLayers; ++l) {
       const Layer& y = layers[l];
       if (!linears_only) be.add_rmsnorm(res, proj, y.attn_norm, 1e-5f, normed);
@@ -172,6 +187,21 @@ int main() try {
   const int prefill = 1024;
   const double prefill_ms = median_ms(stream, 1, 5, [&] { step(prefill, 0, false); });
 
+  // Each non-GEMM op of the decode step alone, over the 32 layers (the 64 norms of the step as 2 x 32).
+  auto& d = bufs(1);
+  const BatchLayout one = decode_batch(1, context), far = decode_batch(1, long_context);
+  auto per_layer = [&](const std::function<void(int)>& op) {
+    return median_ms(stream, 3, 30, [&] {
+      for (int l = 0; l < kLayers; ++l) op(l);
+    });
+  };
+  const double norm_ms =
+      per_layer([&](int l) { be.add_rmsnorm(d[0], d[4], layers[l].attn_norm, 1e-5f, d[1]); });
+  const double rope_ms = per_layer([&](int l) { be.rope_kv_write(d[2], one, l, kHeads, rope, cache); });
+  const double attn_ms = per_layer([&](int l) { be.attention(d[2], one, l, kHeads, cache, d[3]); });
+  const double attn_far_ms = per_layer([&](int l) { be.attention(d[2], far, l, kHeads, cache, d[3]); });
+  const double silu_ms = per_layer([&](int) { be.silu_mul(d[5], d[6]); });
+
   const double floor_ms = bytes / (copy_gbs * 1e6);
   std::printf(
       "\n| measurement (Llama-2-7B shape, fp16, batch 1, context %d) | time | rate | achieved | vs floor |\n",
@@ -189,6 +219,15 @@ int main() try {
               1e3 / floor_ms);
   std::printf("| prefill %d tokens, 32 layers (no lm_head) | %.2f ms | %.0f tok/s | | |\n", prefill,
               prefill_ms, prefill * 1e3 / prefill_ms);
+  const double far_bytes = double(kLayers) * 2 * (long_context + 1) * kHidden * 2;
+  std::printf("\n| op x 32 layers (decode, batch 1) | total | per call |\n|---|---|---|\n");
+  std::printf("| add_rmsnorm (the step has 2 x 32 + 1) | %.3f ms | %.1f us |\n", norm_ms,
+              norm_ms * 1e3 / kLayers);
+  std::printf("| rope_kv_write | %.3f ms | %.1f us |\n", rope_ms, rope_ms * 1e3 / kLayers);
+  std::printf("| attention, context %d | %.3f ms | %.1f us |\n", context, attn_ms, attn_ms * 1e3 / kLayers);
+  std::printf("| attention, context %d (%.0f GB/s of K/V) | %.3f ms | %.1f us |\n", long_context,
+              far_bytes / attn_far_ms / 1e6, attn_far_ms, attn_far_ms * 1e3 / kLayers);
+  std::printf("| silu_mul | %.3f ms | %.1f us |\n", silu_ms, silu_ms * 1e3 / kLayers);
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "lmd_cuda_bench: %s\n", e.what());
