@@ -1,0 +1,63 @@
+// The CUDA backend: the ops of lmd/engine/backend.h as CUDA kernels plus cuBLAS GEMMs, on one device and
+// one stream. Activations are fp16 for fp16 and fp32 checkpoints and bf16 for bf16 ones; the kernels also
+// accept fp32 tensors (tests use that to separate kernel errors from fp16 rounding).
+#pragma once
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "lmd/engine/backend.h"
+
+namespace lmd {
+
+// True when a CUDA driver and at least one device are present; never throws.
+bool cuda_device_available();
+// "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs, 79.1 GiB)", or "" without a device.
+std::string cuda_device_name(int device = 0);
+
+struct CudaState;
+
+class CudaBackend final : public Backend {
+ public:
+  // `activation` overrides the activation dtype chosen from the checkpoint's dtype.
+  explicit CudaBackend(int device = 0, std::optional<DType> activation = std::nullopt);
+  ~CudaBackend() override;
+
+  DeviceKind kind() const override { return DeviceKind::CUDA; }
+  std::string name() const override;
+  DType activation_dtype(DType weight_dtype) const override;
+
+  DeviceTensor alloc(DType dtype, Shape shape) override;
+  DeviceTensor upload(const HostTensor& host, DType dtype) override;
+  HostTensor download(const DeviceTensor& t) override;
+  DeviceLinear prepare_linear(const LinearWeight& w, DType compute) override;
+  KvCacheStorage alloc_kv_cache(const KvCacheLayout& layout, DType compute) override;
+  size_t free_memory() const override;
+  void synchronize() override;
+
+  void embedding(const DeviceTensor& table, const std::vector<int>& ids, DeviceTensor& out) override;
+  void rmsnorm(const DeviceTensor& x, const DeviceTensor& weight, float eps, DeviceTensor& out) override;
+  void add_rmsnorm(DeviceTensor& residual, const DeviceTensor& x, const DeviceTensor& weight, float eps,
+                   DeviceTensor& out) override;
+  void linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTensor& out) override;
+  void rope_kv_write(DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
+                     const RopeConfig& rope, KvCacheStorage& cache) override;
+  void attention(const DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
+                 const KvCacheStorage& cache, DeviceTensor& out) override;
+  void silu_mul(const DeviceTensor& gate_up, DeviceTensor& out) override;
+  void gather_rows(const DeviceTensor& x, const std::vector<int>& rows, DeviceTensor& out) override;
+
+  // The stream every op is queued on (for timing with events and graph capture).
+  void* stream() const;
+
+ private:
+  // Copies `values` to the device unless they equal what `slot` holds already (the per-step batch
+  // metadata is the same for every layer, so it is uploaded once per step, not once per layer).
+  const int* upload_meta(int slot, const std::vector<int>& values);
+
+  std::unique_ptr<CudaState> state_;
+  std::optional<DType> activation_;
+};
+
+}  // namespace lmd

@@ -1,0 +1,421 @@
+#include "lmd/cuda/cuda_backend.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <sstream>
+
+#include "cuda_check.h"
+#include "kernels.h"
+#include "lmd/core/awq_layout.h"
+#include "lmd/engine/kv_quant.h"
+
+namespace lmd {
+namespace {
+
+// A caching allocator: freed blocks are kept by rounded size and handed out again, so a forward step's
+// scratch tensors cost no cudaMalloc (which synchronises the device) after the first step. All work is
+// queued on one stream, so a block freed on the host while kernels still use it is only reused by work
+// queued later on that stream.
+class Pool {
+ public:
+  Pool() = default;
+  ~Pool() { release(); }
+
+  static size_t round(size_t bytes) {
+    const size_t unit = bytes < (size_t(1) << 20) ? 512 : (size_t(2) << 20);
+    return std::max(unit, (bytes + unit - 1) / unit * unit);
+  }
+  void* get(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = free_.find(bytes);
+      if (it != free_.end()) {
+        void* p = it->second;
+        free_.erase(it);
+        cached_ -= bytes;
+        return p;
+      }
+    }
+    void* p = nullptr;
+    if (cudaMalloc(&p, bytes) != cudaSuccess) {
+      cudaGetLastError();  // out of memory: give the cached blocks back and try once more
+      release();
+      LMD_CUDA_CHECK(cudaMalloc(&p, bytes));
+    }
+    return p;
+  }
+  void put(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.emplace(bytes, p);
+    cached_ += bytes;
+  }
+  size_t cached() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return cached_;
+  }
+  void release() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!free_.empty()) cudaDeviceSynchronize();
+    for (auto& [bytes, p] : free_) cudaFree(p);
+    free_.clear();
+    cached_ = 0;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::multimap<size_t, void*> free_;
+  size_t cached_ = 0;
+};
+
+void require_same(const DeviceTensor& a, const DeviceTensor& b, const char* op) {
+  if (a.dtype != b.dtype)
+    fail("CUDA ", op, ": dtype mismatch (", dtype_name(a.dtype), " vs ", dtype_name(b.dtype), ")");
+}
+
+cudaDataType cuda_type(DType t) {
+  switch (t) {
+    case DType::F16:
+      return CUDA_R_16F;
+    case DType::BF16:
+      return CUDA_R_16BF;
+    case DType::F32:
+      return CUDA_R_32F;
+    default:
+      fail("CUDA linear: unsupported dtype ", dtype_name(t));
+  }
+}
+
+}  // namespace
+
+struct CudaState {
+  int device = 0;
+  int sms = 0;
+  std::string device_name;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+  std::shared_ptr<Pool> pool;
+  struct Meta {
+    std::vector<int> host;
+    DeviceTensor dev;
+  };
+  Meta meta[2];  // 0: rope_kv_write, 1: attention
+};
+
+bool cuda_device_available() {
+  int n = 0;
+  const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  cudaGetLastError();  // a missing driver leaves a sticky-looking error in the runtime's last-error slot
+  return ok;
+}
+
+std::string cuda_device_name(int device) {
+  if (!cuda_device_available()) return "";
+  cudaDeviceProp p{};
+  if (cudaGetDeviceProperties(&p, device) != cudaSuccess) {
+    cudaGetLastError();
+    return "";
+  }
+  std::ostringstream os;
+  os.precision(3);
+  os << p.name << " (sm_" << p.major << p.minor << ", " << p.multiProcessorCount << " SMs, "
+     << double(p.totalGlobalMem) / double(1 << 30) << " GiB)";
+  return os.str();
+}
+
+CudaBackend::CudaBackend(int device, std::optional<DType> activation)
+    : state_(std::make_unique<CudaState>()), activation_(activation) {
+  if (!cuda_device_available()) fail("CUDA backend: no CUDA device or driver is available");
+  state_->device = device;
+  LMD_CUDA_CHECK(cudaSetDevice(device));
+  LMD_CUDA_CHECK(cudaDeviceGetAttribute(&state_->sms, cudaDevAttrMultiProcessorCount, device));
+  state_->device_name = cuda_device_name(device);
+  LMD_CUDA_CHECK(cudaStreamCreateWithFlags(&state_->stream, cudaStreamNonBlocking));
+  LMD_CUBLAS_CHECK(cublasCreate(&state_->cublas));
+  LMD_CUBLAS_CHECK(cublasSetStream(state_->cublas, state_->stream));
+  state_->pool = std::make_shared<Pool>();
+}
+
+CudaBackend::~CudaBackend() {
+  // Tensors may outlive the backend (their deleters keep the pool alive); the stream and handle go.
+  cudaStreamSynchronize(state_->stream);
+  state_->meta[0] = {};
+  state_->meta[1] = {};
+  cublasDestroy(state_->cublas);
+  cudaStreamDestroy(state_->stream);
+}
+
+std::string CudaBackend::name() const {
+  return "cuda:" + std::to_string(state_->device) + " (" + state_->device_name + ")";
+}
+
+DType CudaBackend::activation_dtype(DType weight_dtype) const {
+  if (activation_) return *activation_;
+  // fp32 checkpoints run in fp16: its 10-bit mantissa keeps more of the fp32 values than bf16's 7 bits,
+  // and Llama-family activations stay far inside fp16's range.
+  return weight_dtype == DType::BF16 ? DType::BF16 : DType::F16;
+}
+
+void* CudaBackend::stream() const { return state_->stream; }
+
+DeviceTensor CudaBackend::alloc(DType dtype, Shape shape) {
+  DeviceTensor t;
+  t.dtype = dtype;
+  t.shape = std::move(shape);
+  const size_t bytes = Pool::round(std::max<size_t>(t.nbytes(), 1));
+  void* p = state_->pool->get(bytes);
+  t.data = p;
+  t.storage = std::shared_ptr<void>(p, [pool = state_->pool, bytes](void* q) { pool->put(q, bytes); });
+  return t;
+}
+
+DeviceTensor CudaBackend::upload(const HostTensor& host, DType dtype) {
+  DeviceTensor t = alloc(dtype, host.shape());
+  if (t.nbytes() == 0) return t;
+  if (host.dtype() == dtype) {
+    LMD_CUDA_CHECK(cudaMemcpyAsync(t.data, host.data(), t.nbytes(), cudaMemcpyHostToDevice, state_->stream));
+  } else {
+    const HostTensor converted = host.to(dtype);
+    LMD_CUDA_CHECK(
+        cudaMemcpyAsync(t.data, converted.data(), t.nbytes(), cudaMemcpyHostToDevice, state_->stream));
+    // The staging copy of pageable memory may still read `converted` after the call returns.
+    LMD_CUDA_CHECK(cudaStreamSynchronize(state_->stream));
+  }
+  return t;
+}
+
+HostTensor CudaBackend::download(const DeviceTensor& t) {
+  HostTensor h(t.dtype, t.shape);
+  if (t.nbytes() == 0) return h;
+  LMD_CUDA_CHECK(
+      cudaMemcpyAsync(h.mutable_data(), t.data, t.nbytes(), cudaMemcpyDeviceToHost, state_->stream));
+  LMD_CUDA_CHECK(cudaStreamSynchronize(state_->stream));
+  return h;
+}
+
+DeviceLinear CudaBackend::prepare_linear(const LinearWeight& w, DType compute) {
+  DeviceLinear out;
+  out.out_features = w.out_features();
+  out.in_features = w.in_features();
+  if (w.is_awq()) {
+    // Until the W4A16 kernel exists, AWQ weights are dequantized on the host and run as dense GEMMs.
+    out.weight = upload(dequantize_awq(w.qweight, w.qzeros, w.scales), compute);
+  } else {
+    out.weight = upload(w.weight, compute);
+  }
+  if (!w.bias.empty()) out.bias = upload(w.bias, compute);
+  return out;
+}
+
+KvCacheStorage CudaBackend::alloc_kv_cache(const KvCacheLayout& layout, DType compute) {
+  if (layout.quant_bits != 0 && layout.quant_bits != 4 && layout.quant_bits != 8)
+    fail("KV cache quantization must be 0, 4 or 8 bits, got ", layout.quant_bits);
+  KvCacheStorage cache;
+  cache.layout = layout;
+  const int64_t rows = int64_t(layout.layers) * 2 * layout.kv_heads * layout.block_len;
+  if (layout.quant_bits == 0) {
+    cache.data = alloc(compute, {layout.num_blocks, rows * layout.head_dim});
+  } else {
+    cache.data =
+        alloc(DType::U8, {layout.num_blocks, rows * kv_row_bytes(layout.head_dim, layout.quant_bits)});
+    cache.params = alloc(DType::F16, {layout.num_blocks, rows * 2});
+    LMD_CUDA_CHECK(cudaMemsetAsync(cache.params.data, 0, cache.params.nbytes(), state_->stream));
+  }
+  LMD_CUDA_CHECK(cudaMemsetAsync(cache.data.data, 0, cache.data.nbytes(), state_->stream));
+  return cache;
+}
+
+size_t CudaBackend::free_memory() const {
+  size_t free = 0, total = 0;
+  LMD_CUDA_CHECK(cudaSetDevice(state_->device));
+  LMD_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  return free + state_->pool->cached();
+}
+
+void CudaBackend::synchronize() { LMD_CUDA_CHECK(cudaStreamSynchronize(state_->stream)); }
+
+const int* CudaBackend::upload_meta(int slot, const std::vector<int>& values) {
+  CudaState::Meta& m = state_->meta[slot];
+  if (!m.dev.empty() && m.host == values) return m.dev.as<int>();
+  m.host = values;
+  m.dev = alloc(DType::I32, {int64_t(std::max<size_t>(values.size(), 1))});
+  LMD_CUDA_CHECK(cudaMemcpyAsync(m.dev.data, m.host.data(), values.size() * sizeof(int),
+                                 cudaMemcpyHostToDevice, state_->stream));
+  return m.dev.as<int>();
+}
+
+void CudaBackend::embedding(const DeviceTensor& table, const std::vector<int>& ids, DeviceTensor& out) {
+  require_same(table, out, "embedding");
+  const int64_t vocab = table.dim(0);
+  for (int id : ids)
+    if (id < 0 || id >= vocab) fail("token id ", id, " is outside the vocabulary (", vocab, ")");
+  gather_rows(table, ids, out);
+}
+
+void CudaBackend::gather_rows(const DeviceTensor& x, const std::vector<int>& rows, DeviceTensor& out) {
+  require_same(x, out, "gather_rows");
+  if (rows.empty()) return;
+  const int64_t n = x.numel() / x.dim(-1);
+  for (int r : rows)
+    if (r < 0 || r >= n) fail("CUDA gather_rows: row ", r, " is outside [0, ", n, ")");
+  DeviceTensor idx = alloc(DType::I32, {int64_t(rows.size())});
+  LMD_CUDA_CHECK(cudaMemcpyAsync(idx.data, rows.data(), rows.size() * sizeof(int), cudaMemcpyHostToDevice,
+                                 state_->stream));
+  cuda::gather_rows(x.data, idx.as<int>(), int(rows.size()), x.dim(-1) * int64_t(dtype_size(x.dtype)),
+                    out.data, state_->stream);
+}
+
+void CudaBackend::rmsnorm(const DeviceTensor& x, const DeviceTensor& weight, float eps, DeviceTensor& out) {
+  require_same(x, weight, "rmsnorm");
+  require_same(x, out, "rmsnorm");
+  const int n = int(x.dim(-1));
+  cuda::rmsnorm(x.dtype, x.data, nullptr, weight.data, eps, x.numel() / n, n, out.data, state_->stream);
+}
+
+void CudaBackend::add_rmsnorm(DeviceTensor& residual, const DeviceTensor& x, const DeviceTensor& weight,
+                              float eps, DeviceTensor& out) {
+  require_same(x, residual, "add_rmsnorm");
+  require_same(x, weight, "add_rmsnorm");
+  require_same(x, out, "add_rmsnorm");
+  const int n = int(x.dim(-1));
+  cuda::rmsnorm(x.dtype, x.data, residual.data, weight.data, eps, x.numel() / n, n, out.data, state_->stream);
+}
+
+void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTensor& out) {
+  if (w.is_int4()) fail("CUDA linear: int4 weights must be dequantized by prepare_linear");
+  require_same(x, w.weight, "linear");
+  require_same(x, out, "linear");
+  const int64_t in = w.in_features, outf = w.out_features, tokens = x.numel() / in;
+  if (x.dim(-1) != in) fail("linear: input has ", x.dim(-1), " features, weight expects ", in);
+  if (tokens == 0) return;
+  // Row-major out[T, out] = x[T, in] W[out, in]^T is column-major out^T = W^T(op T) x^T.
+  const float alpha = 1.f, beta = 0.f;
+  const cudaDataType type = cuda_type(x.dtype);
+  LMD_CUBLAS_CHECK(cublasGemmEx(state_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(outf), int(tokens), int(in),
+                                &alpha, w.weight.data, type, int(in), x.data, type, int(in), &beta, out.data,
+                                type, int(outf), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  if (!w.bias.empty()) {
+    require_same(x, w.bias, "linear bias");
+    cuda::add_bias(x.dtype, out.data, w.bias.data, tokens, int(outf), state_->stream);
+  }
+}
+
+void CudaBackend::rope_kv_write(DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
+                                const RopeConfig& rope, KvCacheStorage& cache) {
+  const KvCacheLayout& L = cache.layout;
+  const int tokens = batch.num_tokens(), half = L.head_dim / 2;
+  if (qkv.dim(-1) != int64_t(heads + 2 * L.kv_heads) * L.head_dim)
+    fail("CUDA rope_kv_write: qkv has ", qkv.dim(-1), " columns, expected ",
+         (heads + 2 * L.kv_heads) * L.head_dim);
+  if (L.quant_bits == 0) require_same(qkv, cache.data, "rope_kv_write (cache)");
+  if (tokens == 0) return;
+  // meta: token_seq [T], token_pos [T], seq_block_off [S], blocks..., inv_freq [S, half] (float bits).
+  const int seqs = int(batch.seqs.size());
+  std::vector<int> meta(2 * tokens + seqs);
+  std::vector<float> freqs;
+  for (int s = 0; s < seqs; ++s) {
+    const SeqSlice& q = batch.seqs[s];
+    if ((q.context_len + q.num_new + L.block_len - 1) / L.block_len > int(q.blocks.size()))
+      fail("CUDA rope_kv_write: sequence ", s, " has too few cache blocks");
+    for (int i = 0; i < q.num_new; ++i) {
+      meta[q.token_offset + i] = s;
+      meta[tokens + q.token_offset + i] = q.context_len + i;
+    }
+    meta[2 * tokens + s] = int(meta.size());
+    meta.insert(meta.end(), q.blocks.begin(), q.blocks.end());
+    const std::vector<float> f = rope_inv_freq(rope, q.context_len + q.num_new);
+    freqs.insert(freqs.end(), f.begin(), f.begin() + half);
+  }
+  const int freq_off = int(meta.size());
+  for (float f : freqs) meta.push_back(std::bit_cast<int>(f));
+  const int* dev = upload_meta(0, meta);
+  const cuda::KvGeometry g{L.layers, L.kv_heads, L.head_dim, L.block_len, layer, L.quant_bits};
+  cuda::rope_kv_write(qkv.dtype, qkv.data, tokens, heads, g, dev, dev + tokens, dev + 2 * tokens, dev,
+                      reinterpret_cast<const float*>(dev + freq_off), cache.data.data,
+                      cache.params.empty() ? nullptr : cache.params.as<uint16_t>(), state_->stream);
+}
+
+void CudaBackend::attention(const DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
+                            const KvCacheStorage& cache, DeviceTensor& out) {
+  const KvCacheLayout& L = cache.layout;
+  require_same(qkv, out, "attention");
+  if (L.quant_bits == 0) require_same(qkv, cache.data, "attention (cache)");
+  if (heads % L.kv_heads != 0) fail("CUDA attention: ", heads, " heads over ", L.kv_heads, " KV heads");
+  const int group = heads / L.kv_heads, max_rows = cuda::attn_max_rows(L.head_dim);
+  const int head_chunk = std::min(group, max_rows), tokens_per_item = std::max(1, max_rows / head_chunk);
+  constexpr int kMinKeysPerSplit = 128;  // 4 warps x one 32-key tile each
+
+  struct Item {
+    int seq, token_begin, token_count, head_begin, head_count, kv_len;
+  };
+  std::vector<Item> items;
+  for (int s = 0; s < int(batch.seqs.size()); ++s) {
+    const SeqSlice& q = batch.seqs[s];
+    for (int t = 0; t < q.num_new; t += tokens_per_item)
+      for (int h = 0; h < group; h += head_chunk) {
+        const int count = std::min(tokens_per_item, q.num_new - t);
+        items.push_back(
+            {s, q.token_offset + t, count, h, std::min(head_chunk, group - h), q.context_len + t + count});
+      }
+  }
+  if (items.empty()) return;
+  // Split long cache ranges until the grid holds about two blocks per SM (decode needs this; prefill
+  // usually has enough items already).
+  const int64_t base_blocks = int64_t(items.size()) * L.kv_heads;
+  const int want = int(std::max<int64_t>(1, (2 * state_->sms + base_blocks - 1) / base_blocks));
+
+  std::vector<int> block_off(batch.seqs.size()), blocks;
+  for (size_t s = 0; s < batch.seqs.size(); ++s) {
+    block_off[s] = int(blocks.size());
+    blocks.insert(blocks.end(), batch.seqs[s].blocks.begin(), batch.seqs[s].blocks.end());
+  }
+  std::vector<cuda::AttnWork> work;
+  std::vector<cuda::AttnCombine> combine;
+  int partials = 0;
+  for (const Item& it : items) {
+    const SeqSlice& q = batch.seqs[it.seq];
+    int splits = std::clamp((it.kv_len + kMinKeysPerSplit - 1) / kMinKeysPerSplit, 1, want);
+    const int chunk = ((it.kv_len + splits - 1) / splits + 31) / 32 * 32;
+    splits = (it.kv_len + chunk - 1) / chunk;
+    const int first_pos = q.context_len + (it.token_begin - q.token_offset);
+    if (splits > 1)
+      combine.push_back({it.token_begin, it.token_count, it.head_begin, it.head_count, partials, splits});
+    for (int s = 0; s < splits; ++s)
+      work.push_back({it.token_begin, it.token_count, it.head_begin, it.head_count, first_pos,
+                      block_off[it.seq], s * chunk, std::min(it.kv_len, (s + 1) * chunk),
+                      splits > 1 ? partials + s : -1});
+    if (splits > 1) partials += splits;
+  }
+  static_assert(sizeof(cuda::AttnWork) == 9 * sizeof(int) && sizeof(cuda::AttnCombine) == 6 * sizeof(int));
+  std::vector<int> meta(work.size() * 9 + combine.size() * 6);
+  std::memcpy(meta.data(), work.data(), work.size() * sizeof(cuda::AttnWork));
+  std::memcpy(meta.data() + work.size() * 9, combine.data(), combine.size() * sizeof(cuda::AttnCombine));
+  const int blocks_off = int(meta.size());
+  meta.insert(meta.end(), blocks.begin(), blocks.end());
+  const int* dev = upload_meta(1, meta);
+
+  const cuda::KvGeometry g{L.layers, L.kv_heads, L.head_dim, L.block_len, layer, L.quant_bits};
+  DeviceTensor scratch;
+  if (partials > 0) scratch = alloc(DType::F32, {cuda::attn_partial_floats(partials, g)});
+  cuda::attention(qkv.dtype, qkv.data, heads, g, reinterpret_cast<const cuda::AttnWork*>(dev),
+                  int(work.size()), reinterpret_cast<const cuda::AttnCombine*>(dev + work.size() * 9),
+                  int(combine.size()), dev + blocks_off, cache.data.data,
+                  cache.params.empty() ? nullptr : cache.params.as<uint16_t>(),
+                  scratch.empty() ? nullptr : scratch.as<float>(), out.data, state_->stream);
+}
+
+void CudaBackend::silu_mul(const DeviceTensor& gate_up, DeviceTensor& out) {
+  require_same(gate_up, out, "silu_mul");
+  const int inter = int(out.dim(-1));
+  if (gate_up.dim(-1) != 2 * int64_t(inter))
+    fail("CUDA silu_mul: gate_up has ", gate_up.dim(-1), " columns, expected ", 2 * inter);
+  cuda::silu_mul(out.dtype, gate_up.data, out.numel() / inter, inter, out.data, state_->stream);
+}
+
+}  // namespace lmd

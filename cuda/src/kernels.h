@@ -1,0 +1,65 @@
+// Launchers for the backend's kernels. Pointers are device pointers; `dtype` is the element type of
+// the activation tensors involved (F16, BF16 or F32). All launches go on `stream`.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "lmd/core/dtype.h"
+
+namespace lmd::cuda {
+
+// out[i] = src[rows[i]] for rows of `row_bytes` bytes.
+void gather_rows(const void* src, const int* rows, int n, int64_t row_bytes, void* out, cudaStream_t stream);
+
+// out = x / rms(x) * w per row of n; when `residual` is set, residual += x first and the sum (rounded
+// to dtype) is normalised.
+void rmsnorm(DType dtype, const void* x, void* residual, const void* w, float eps, int64_t rows, int n,
+             void* out, cudaStream_t stream);
+
+// out[r, i] = silu(gu[r, i]) * gu[r, inter + i].
+void silu_mul(DType dtype, const void* gate_up, int64_t rows, int inter, void* out, cudaStream_t stream);
+
+// y[r, j] += bias[j].
+void add_bias(DType dtype, void* y, const void* bias, int64_t rows, int cols, cudaStream_t stream);
+
+// Per-step layout shared by rope_kv_write and attention (see meta layout in rope_kv.cu).
+struct KvGeometry {
+  int layers, kv_heads, head_dim, block_len, layer;
+  int quant_bits;  // 0, 8 or 4
+};
+
+// meta: int32 [tokens] sequence index, [tokens] position, [seqs] offset of the sequence's block list
+// in `blocks`, then the block lists; inv_freq: fp32 [seqs, head_dim / 2].
+void rope_kv_write(DType dtype, void* qkv, int tokens, int heads, const KvGeometry& g, const int* token_seq,
+                   const int* token_pos, const int* seq_block_off, const int* blocks, const float* inv_freq,
+                   void* cache, uint16_t* params, cudaStream_t stream);
+
+// One unit of attention work: `token_count` consecutive new tokens of one sequence times `head_count`
+// query heads of one KV-head group (rows = tokens x heads <= kAttnMaxRows), over cache positions
+// [kv_begin, kv_end). `partial` < 0: this is the only split and writes the output; else the index of its
+// partial-result slot, merged later by the combine pass.
+struct AttnWork {
+  int token_begin, token_count, head_begin, head_count;
+  int first_pos;  // position of token_begin in its sequence
+  int block_off;  // offset of the sequence's block list in the block table
+  int kv_begin, kv_end;
+  int partial;
+};
+// The merge of one row set's splits: partial slots [first_partial, first_partial + splits).
+struct AttnCombine {
+  int token_begin, token_count, head_begin, head_count;
+  int first_partial, splits;
+};
+
+// Rows one work item may hold for this head_dim (register budget of the accumulators).
+int attn_max_rows(int head_dim);
+
+void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, const AttnWork* work,
+               int num_work, const AttnCombine* combine, int num_combine, const int* blocks,
+               const void* cache, const uint16_t* params, float* partials, void* out, cudaStream_t stream);
+
+// Floats of partial-result workspace `attention` needs for `num_partials` slots.
+int64_t attn_partial_floats(int num_partials, const KvGeometry& g);
+
+}  // namespace lmd::cuda

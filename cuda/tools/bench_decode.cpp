@@ -1,0 +1,235 @@
+// lmd_cuda_bench: the batch-1 decode step of a Llama-2-7B-shaped model (32 layers, hidden 4096, 32
+// heads, MLP 11008, vocab 32000, random fp16 weights) through CudaBackend's ops at a fixed context, timed
+// with CUDA events (median of many steps), against the bandwidth floor of BRIEF §8: bytes read per token
+// over the measured device-to-device copy bandwidth. Also times the linears alone, the step replayed as a
+// CUDA graph, and a 1024-token prefill.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <random>
+#include <vector>
+
+#include "lmd/core/error.h"
+#include "lmd/cuda/cuda_backend.h"
+
+using namespace lmd;
+
+namespace {
+
+#define CHECK_CUDA(call)                                            \
+  do {                                                              \
+    const cudaError_t e = (call);                                   \
+    if (e != cudaSuccess) fail(#call, ": ", cudaGetErrorString(e)); \
+  } while (0)
+
+constexpr int kHidden = 4096, kHeads = 32, kHeadDim = 128, kInter = 11008, kLayers = 32, kVocab = 32000;
+
+// Median milliseconds of `reps` runs of `fn` on `stream`, after `warmup` runs.
+double median_ms(cudaStream_t stream, int warmup, int reps, const std::function<void()>& fn) {
+  for (int i = 0; i < warmup; ++i) fn();
+  cudaEvent_t start, stop;
+  CHECK_CUDA(cudaEventCreate(&start));
+  CHECK_CUDA(cudaEventCreate(&stop));
+  std::vector<float> ms;
+  for (int i = 0; i < reps; ++i) {
+    CHECK_CUDA(cudaEventRecord(start, stream));
+    fn();
+    CHECK_CUDA(cudaEventRecord(stop, stream));
+    CHECK_CUDA(cudaEventSynchronize(stop));
+    float t = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&t, start, stop));
+    ms.push_back(t);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+struct Layer {
+  DeviceTensor attn_norm, ffn_norm;
+  DeviceLinear qkv, o, gate_up, down;
+};
+
+}  // namespace
+
+int main() try {
+  if (!cuda_device_available()) fail("no CUDA device");
+  CudaBackend be;
+  auto stream = static_cast<cudaStream_t>(be.stream());
+  std::printf("device: %s\n", cuda_device_name().c_str());
+
+  // Random fp16 values: 64 MiB made on the host, tiled over every weight on the device (the GEMVs read
+  // real, non-zero data; that it repeats does not matter to a bandwidth-bound product).
+  std::mt19937 rng(1);
+  std::normal_distribution<float> dist(0.f, 0.02f);
+  std::vector<float> pattern_f(32 << 20);
+  for (float& v : pattern_f) v = dist(rng);
+  const DeviceTensor pattern =
+      be.upload(HostTensor::from_f32(pattern_f, {int64_t(pattern_f.size())}), DType::F16);
+  size_t weight_bytes = 0;
+  auto fill_random = [&](DeviceTensor& t) {
+    for (size_t off = 0; off < t.nbytes(); off += pattern.nbytes())
+      CHECK_CUDA(cudaMemcpyAsync(static_cast<char*>(t.data) + off, pattern.data,
+                                 std::min(pattern.nbytes(), t.nbytes() - off), cudaMemcpyDeviceToDevice,
+                                 stream));
+  };
+  auto random_tensor = [&](Shape shape) {
+    DeviceTensor t = be.alloc(DType::F16, std::move(shape));
+    fill_random(t);
+    weight_bytes += t.nbytes();
+    return t;
+  };
+  auto linear = [&](int64_t out, int64_t in) {
+    DeviceLinear l;
+    l.weight = random_tensor({out, in});
+    l.in_features = in;
+    l.out_features = out;
+    return l;
+  };
+  std::vector<Layer> layers;
+  for (int l = 0; l < kLayers; ++l)
+    layers.push_back({random_tensor({kHidden}), random_tensor({kHidden}), linear(3 * kHidden, kHidden),
+                      linear(kHidden, kHidden), linear(2 * kInter, kHidden), linear(kHidden, kInter)});
+  const DeviceTensor final_norm = random_tensor({kHidden});
+  const DeviceLinear lm_head = linear(kVocab, kHidden);
+  be.synchronize();
+
+  const int context = 128, block_len = 64;
+  const int long_context = 4096;
+  KvCacheLayout L{kLayers, kHeads, kHeadDim, block_len, (long_context + block_len) / block_len, 0};
+  KvCacheStorage cache = be.alloc_kv_cache(L, DType::F16);
+  fill_random(cache.data);  // attention at long contexts reads real values, not the zeroed pool
+  RopeConfig rope;
+  rope.head_dim = kHeadDim;
+  std::vector<int> blocks(L.num_blocks);
+  for (int i = 0; i < L.num_blocks; ++i) blocks[i] = i;
+
+  // Activations per token count: residual, normed, qkv, attn, proj, gate_up, act, last row, logits.
+  std::map<int, std::vector<DeviceTensor>> buffers;
+  auto bufs = [&](int tokens) -> std::vector<DeviceTensor>& {
+    auto& b = buffers[tokens];
+    if (b.empty()) {
+      for (int64_t cols : {kHidden, kHidden, 3 * kHidden, kHidden, kHidden, 2 * kInter, kInter})
+        b.push_back(be.upload(HostTensor::from_f32(std::vector<float>(tokens * cols, 0.01f), {tokens, cols}),
+                              DType::F16));
+      b.push_back(be.alloc(DType::F16, {1, kHidden}));
+      b.push_back(be.alloc(DType::F16, {1, kVocab}));
+    }
+    return b;
+  };
+  auto decode_batch = [&](int tokens, int ctx) {
+    BatchLayout batch;
+    batch.seqs.push_back({0, tokens, ctx, blocks});
+    return batch;
+  };
+
+  // One forward step of `tokens` new tokens after `ctx` cached ones (the model's op sequence).
+  auto step = [&](int tokens, int ctx, bool linears_only) {
+    auto& b = bufs(tokens);
+    DeviceTensor &res = b[0], &normed = b[1], &qkv = b[2], &attn = b[3], &proj = b[4], &gu = b[5],
+                 &act = b[6];
+    const BatchLayout batch = decode_batch(tokens, ctx);
+    for (int l = 0; l < kLayers; ++l) {
+      const Layer& y = layers[l];
+      if (!linears_only) be.add_rmsnorm(res, proj, y.attn_norm, 1e-5f, normed);
+      be.linear(normed, y.qkv, qkv);
+      if (!linears_only) {
+        be.rope_kv_write(qkv, batch, l, kHeads, rope, cache);
+        be.attention(qkv, batch, l, kHeads, cache, attn);
+      }
+      be.linear(attn, y.o, proj);
+      if (!linears_only) be.add_rmsnorm(res, proj, y.ffn_norm, 1e-5f, normed);
+      be.linear(normed, y.gate_up, gu);
+      if (!linears_only) be.silu_mul(gu, act);
+      be.linear(act, y.down, proj);
+    }
+    if (tokens == 1) {
+      be.add_rmsnorm(res, proj, final_norm, 1e-5f, b[7]);
+      be.linear(b[7], lm_head, b[8]);
+    }
+  };
+
+  const double kv_bytes = double(kLayers) * 2 * (context + 1) * kHidden * 2;
+  const double bytes = double(weight_bytes) + kv_bytes;
+  const double linear_bytes = double(weight_bytes) - double(kLayers * 2 + 1) * kHidden * 2;
+
+  // Device-to-device copy: 2 GiB each way, counting bytes read plus bytes written.
+  DeviceTensor src = be.alloc(DType::U8, {int64_t(2) << 30}), dst = be.alloc(DType::U8, {int64_t(2) << 30});
+  CHECK_CUDA(cudaMemsetAsync(src.data, 1, src.nbytes(), stream));
+  const double copy_ms = median_ms(stream, 3, 20, [&] {
+    CHECK_CUDA(cudaMemcpyAsync(dst.data, src.data, src.nbytes(), cudaMemcpyDeviceToDevice, stream));
+  });
+  const double copy_gbs = 2.0 * src.nbytes() / copy_ms / 1e6;
+  src = {};
+  dst = {};
+
+  const double lin_ms = median_ms(stream, 3, 50, [&] { step(1, context, true); });
+  const double step_ms = median_ms(stream, 3, 50, [&] { step(1, context, false); });
+  be.synchronize();
+
+  double graph_ms = -1;
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  if (cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
+    step(1, context, false);
+    if (cudaStreamEndCapture(stream, &graph) == cudaSuccess &&
+        cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess) {
+      graph_ms = median_ms(stream, 3, 50, [&] { CHECK_CUDA(cudaGraphLaunch(exec, stream)); });
+    }
+  }
+  cudaGetLastError();
+  if (graph_ms < 0) std::printf("note: CUDA graph capture of the step failed\n");
+
+  const int prefill = 1024;
+  const double prefill_ms = median_ms(stream, 1, 5, [&] { step(prefill, 0, false); });
+
+  // Each non-GEMM op of the decode step alone, over the 32 layers (the 64 norms of the step as 2 x 32).
+  auto& d = bufs(1);
+  const BatchLayout one = decode_batch(1, context), far = decode_batch(1, long_context);
+  auto per_layer = [&](const std::function<void(int)>& op) {
+    return median_ms(stream, 3, 30, [&] {
+      for (int l = 0; l < kLayers; ++l) op(l);
+    });
+  };
+  const double norm_ms =
+      per_layer([&](int l) { be.add_rmsnorm(d[0], d[4], layers[l].attn_norm, 1e-5f, d[1]); });
+  const double rope_ms = per_layer([&](int l) { be.rope_kv_write(d[2], one, l, kHeads, rope, cache); });
+  const double attn_ms = per_layer([&](int l) { be.attention(d[2], one, l, kHeads, cache, d[3]); });
+  const double attn_far_ms = per_layer([&](int l) { be.attention(d[2], far, l, kHeads, cache, d[3]); });
+  const double silu_ms = per_layer([&](int) { be.silu_mul(d[5], d[6]); });
+
+  const double floor_ms = bytes / (copy_gbs * 1e6);
+  std::printf(
+      "\n| measurement (Llama-2-7B shape, fp16, batch 1, context %d) | time | rate | achieved | vs floor |\n",
+      context);
+  std::printf("|---|---|---|---|---|\n");
+  std::printf("| device-to-device copy, 2 GiB | %.3f ms | | %.0f GB/s (read+write) | |\n", copy_ms, copy_gbs);
+  std::printf("| 4 linears x 32 layers + lm_head (cuBLAS) | %.3f ms | | %.0f GB/s | %.0f%% |\n", lin_ms,
+              linear_bytes / lin_ms / 1e6, 100.0 * (linear_bytes / (copy_gbs * 1e6)) / lin_ms);
+  std::printf("| decode step, all ops (%.2f GB read) | %.3f ms | %.1f tok/s | %.0f GB/s | %.0f%% |\n",
+              bytes / 1e9, step_ms, 1e3 / step_ms, bytes / step_ms / 1e6, 100.0 * floor_ms / step_ms);
+  if (graph_ms > 0)
+    std::printf("| decode step, CUDA graph replay | %.3f ms | %.1f tok/s | %.0f GB/s | %.0f%% |\n", graph_ms,
+                1e3 / graph_ms, bytes / graph_ms / 1e6, 100.0 * floor_ms / graph_ms);
+  std::printf("| bandwidth floor (bytes / copy bandwidth) | %.3f ms | %.1f tok/s | | 100%% |\n", floor_ms,
+              1e3 / floor_ms);
+  std::printf("| prefill %d tokens, 32 layers (no lm_head) | %.2f ms | %.0f tok/s | | |\n", prefill,
+              prefill_ms, prefill * 1e3 / prefill_ms);
+  const double far_bytes = double(kLayers) * 2 * (long_context + 1) * kHidden * 2;
+  std::printf("\n| op x 32 layers (decode, batch 1) | total | per call |\n|---|---|---|\n");
+  std::printf("| add_rmsnorm (the step has 2 x 32 + 1) | %.3f ms | %.1f us |\n", norm_ms,
+              norm_ms * 1e3 / kLayers);
+  std::printf("| rope_kv_write | %.3f ms | %.1f us |\n", rope_ms, rope_ms * 1e3 / kLayers);
+  std::printf("| attention, context %d | %.3f ms | %.1f us |\n", context, attn_ms, attn_ms * 1e3 / kLayers);
+  std::printf("| attention, context %d (%.0f GB/s of K/V) | %.3f ms | %.1f us |\n", long_context,
+              far_bytes / attn_far_ms / 1e6, attn_far_ms, attn_far_ms * 1e3 / kLayers);
+  std::printf("| silu_mul | %.3f ms | %.1f us |\n", silu_ms, silu_ms * 1e3 / kLayers);
+  return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "lmd_cuda_bench: %s\n", e.what());
+  return 1;
+}

@@ -1,0 +1,444 @@
+// Every CUDA op against the CPU reference backend on random inputs (relative L2 error within the
+// activation dtype's rounding, and guard elements after each output that must stay untouched), and the
+// CUDA model end to end against the transformers fixtures. Skipped (with a warning) without a GPU.
+#include "test_support.h"
+
+#if defined(LMD_HAVE_CUDA)
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <numeric>
+#include <random>
+#include <sstream>
+
+#include "lmd/core/error.h"
+#include "lmd/cuda/cuda_backend.h"
+#include "lmd/engine/block_pool.h"
+#include "lmd/engine/cpu_backend.h"
+#include "lmd/engine/model.h"
+
+using namespace lmd;
+
+#define LMD_REQUIRE_GPU()                                                 \
+  do {                                                                    \
+    if (!cuda_device_available()) {                                       \
+      WARN("no CUDA device or driver on this machine; GPU test skipped"); \
+      return;                                                             \
+    }                                                                     \
+  } while (0)
+
+namespace {
+
+constexpr int64_t kGuard = 64;  // elements after each output that no op may touch
+
+// Relative L2 error allowed for a result computed from inputs in `dt` and rounded to `dt` once or a few
+// times: fp32 ~1e-6 per rounding, fp16 ~5e-4 (10-bit mantissa), bf16 ~4e-3 (7-bit mantissa).
+double tolerance(DType dt) { return dt == DType::F32 ? 1e-5 : dt == DType::F16 ? 2e-3 : 1.6e-2; }
+
+std::vector<float> random_values(std::mt19937& rng, int64_t n, float scale = 1.f) {
+  std::normal_distribution<float> dist(0.f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// The values as the device stores them in `dt`, back in fp32 (so both backends start from equal inputs).
+std::vector<float> rounded(const std::vector<float>& v, DType dt) {
+  return HostTensor::from_f32(v, {int64_t(v.size())}).to(dt).to_f32();
+}
+
+DeviceTensor on(Backend& be, const std::vector<float>& v, Shape shape, DType dt) {
+  return be.upload(HostTensor::from_f32(v, {int64_t(v.size())}).reshape(std::move(shape)), dt);
+}
+
+std::vector<float> values(Backend& be, const DeviceTensor& t) { return be.download(t).to_f32(); }
+
+// An output tensor followed by kGuard guard elements; every byte starts as 0xFF (NaN in every float
+// dtype), so an element the op fails to write shows up as NaN and a stray write as a changed guard.
+struct Guarded {
+  DeviceTensor full, view;
+};
+Guarded guarded(Backend& be, DType dt, Shape shape) {
+  const int64_t n = shape_numel(shape);
+  HostTensor poison(dt, {n + kGuard});
+  std::memset(poison.mutable_data(), 0xFF, poison.nbytes());
+  Guarded g;
+  g.full = be.upload(poison, dt);
+  g.view = g.full;
+  g.view.shape = std::move(shape);
+  return g;
+}
+void check_written(Backend& be, const Guarded& g) {
+  const HostTensor h = be.download(g.full);
+  const auto* bytes = static_cast<const uint8_t*>(h.data());
+  const size_t out_bytes = g.view.nbytes();
+  CHECK(std::all_of(bytes + out_bytes, bytes + h.nbytes(), [](uint8_t b) { return b == 0xFF; }));
+  const std::vector<float> v = be.download(g.view).to_f32();
+  CHECK(std::none_of(v.begin(), v.end(), [](float x) { return std::isnan(x); }));
+}
+
+const DType kDtypes[] = {DType::F16, DType::BF16, DType::F32};
+
+// The largest relative error seen per op and dtype, reported at the end of a test case for the record.
+struct Worst {
+  std::map<std::string, double> err;
+  double add(const std::string& op, DType dt, double e) {
+    double& w = err[op + " " + std::string(dtype_name(dt))];
+    w = std::max(w, e);
+    return e;
+  }
+  void report() const {
+    std::ostringstream os;
+    os << "max relative L2 error:";
+    for (const auto& [key, e] : err) os << "\n  " << key << ": " << e;
+    WARN(os.str());
+  }
+};
+
+}  // namespace
+
+TEST_CASE("cuda: device query", "[gpu]") {
+  LMD_REQUIRE_GPU();
+  CudaBackend gpu;
+  WARN("device: " << gpu.name());
+  CHECK(!cuda_device_name().empty());
+  CHECK(gpu.free_memory() > (size_t(1) << 30));
+  CHECK(gpu.activation_dtype(DType::F32) == DType::F16);
+  CHECK(gpu.activation_dtype(DType::BF16) == DType::BF16);
+}
+
+TEST_CASE("cuda: rmsnorm and add_rmsnorm match the CPU", "[gpu]") {
+  LMD_REQUIRE_GPU();
+  CudaBackend gpu;
+  CpuBackend cpu(2);
+  std::mt19937 rng(1);
+  Worst worst;
+  for (DType dt : kDtypes)
+    for (int64_t rows : {1, 7, 33})
+      for (int n : {64, 100, 384, 4096}) {  // 100: not a multiple of the 16-byte pack
+        INFO(dtype_name(dt) << " rows " << rows << " n " << n);
+        const auto x = rounded(random_values(rng, rows * n), dt);
+        const auto res = rounded(random_values(rng, rows * n, 3.f), dt);
+        const auto w = rounded(random_values(rng, n, 0.5f), dt);
+        DeviceTensor cx = on(cpu, x, {rows, n}, DType::F32), cres = on(cpu, res, {rows, n}, DType::F32);
+        DeviceTensor cw = on(cpu, w, {n}, DType::F32), cout = cpu.alloc(DType::F32, {rows, n});
+        DeviceTensor gx = on(gpu, x, {rows, n}, dt), gres = on(gpu, res, {rows, n}, dt),
+                     gw = on(gpu, w, {n}, dt);
+
+        Guarded g = guarded(gpu, dt, {rows, n});
+        cpu.rmsnorm(cx, cw, 1e-5f, cout);
+        gpu.rmsnorm(gx, gw, 1e-5f, g.view);
+        check_written(gpu, g);
+        CHECK(worst.add("rmsnorm", dt, test::rel_error(values(gpu, g.view), values(cpu, cout))) <
+              tolerance(dt));
+
+        Guarded g2 = guarded(gpu, dt, {rows, n});
+        cpu.add_rmsnorm(cres, cx, cw, 1e-5f, cout);
+        gpu.add_rmsnorm(gres, gx, gw, 1e-5f, g2.view);
+        check_written(gpu, g2);
+        CHECK(worst.add("add_rmsnorm residual", dt, test::rel_error(values(gpu, gres), values(cpu, cres))) <
+              tolerance(dt));
+        CHECK(worst.add("add_rmsnorm", dt, test::rel_error(values(gpu, g2.view), values(cpu, cout))) <
+              tolerance(dt));
+      }
+  worst.report();
+}
+
+TEST_CASE("cuda: linear, silu_mul, embedding and gather_rows match the CPU", "[gpu]") {
+  LMD_REQUIRE_GPU();
+  CudaBackend gpu;
+  CpuBackend cpu(2);
+  std::mt19937 rng(2);
+  Worst worst;
+  for (DType dt : kDtypes) {
+    for (int tokens : {1, 5, 17})
+      for (auto [in, out] : {std::pair{64, 96}, std::pair{384, 1152}, std::pair{1024, 172}})
+        for (bool bias : {false, true}) {
+          INFO(dtype_name(dt) << " linear tokens " << tokens << " " << in << "->" << out << " bias " << bias);
+          const auto x = rounded(random_values(rng, int64_t(tokens) * in), dt);
+          LinearWeight w;
+          w.weight = HostTensor::from_f32(rounded(random_values(rng, int64_t(out) * in, 0.05f), dt),
+                                          {int64_t(out) * in})
+                         .reshape({out, in});
+          if (bias) w.bias = HostTensor::from_f32(rounded(random_values(rng, out), dt), {out});
+          DeviceLinear cl = cpu.prepare_linear(w, DType::F32), gl = gpu.prepare_linear(w, dt);
+          DeviceTensor cout = cpu.alloc(DType::F32, {tokens, out});
+          Guarded g = guarded(gpu, dt, {tokens, out});
+          cpu.linear(on(cpu, x, {tokens, in}, DType::F32), cl, cout);
+          gpu.linear(on(gpu, x, {tokens, in}, dt), gl, g.view);
+          check_written(gpu, g);
+          CHECK(worst.add("linear", dt, test::rel_error(values(gpu, g.view), values(cpu, cout))) <
+                tolerance(dt));
+        }
+    for (int64_t rows : {1, 9})
+      for (int inter : {172, 1024}) {
+        INFO(dtype_name(dt) << " silu_mul rows " << rows << " inter " << inter);
+        const auto gu = rounded(random_values(rng, rows * 2 * inter, 2.f), dt);
+        DeviceTensor cout = cpu.alloc(DType::F32, {rows, inter});
+        Guarded g = guarded(gpu, dt, {rows, inter});
+        cpu.silu_mul(on(cpu, gu, {rows, 2 * inter}, DType::F32), cout);
+        gpu.silu_mul(on(gpu, gu, {rows, 2 * inter}, dt), g.view);
+        check_written(gpu, g);
+        CHECK(worst.add("silu_mul", dt, test::rel_error(values(gpu, g.view), values(cpu, cout))) <
+              tolerance(dt));
+      }
+    for (int hidden : {64, 36, 4096}) {  // 36 fp16 values = 72 bytes: the non-16-byte-multiple copy path
+      INFO(dtype_name(dt) << " embedding hidden " << hidden);
+      const int vocab = 50;
+      const auto table = rounded(random_values(rng, int64_t(vocab) * hidden), dt);
+      const std::vector<int> ids{3, 0, 49, 3, 17, 8, 8};
+      DeviceTensor gtable = on(gpu, table, {vocab, hidden}, dt);
+      Guarded g = guarded(gpu, dt, {int64_t(ids.size()), hidden});
+      gpu.embedding(gtable, ids, g.view);
+      check_written(gpu, g);
+      DeviceTensor cout = cpu.alloc(DType::F32, {int64_t(ids.size()), hidden});
+      cpu.embedding(on(cpu, table, {vocab, hidden}, DType::F32), ids, cout);
+      CHECK(values(gpu, g.view) == values(cpu, cout));
+      const std::vector<int> rows{6, 0, 2};
+      Guarded g2 = guarded(gpu, dt, {3, hidden});
+      gpu.gather_rows(g.view, rows, g2.view);
+      check_written(gpu, g2);
+      DeviceTensor crows = cpu.alloc(DType::F32, {3, hidden});
+      cpu.gather_rows(cout, rows, crows);
+      CHECK(values(gpu, g2.view) == values(cpu, crows));
+      CHECK_THROWS_AS(gpu.embedding(gtable, {vocab}, g.view), lmd::Error);
+    }
+  }
+  worst.report();
+}
+
+namespace {
+
+struct AttnCase {
+  int heads, kv_heads, head_dim, block_len;
+  std::vector<std::pair<int, int>> seqs;  // (context already cached, new tokens)
+};
+
+// Fills each backend's cache with the sequences' contexts (one prefill step), then runs the new tokens:
+// rope_kv_write and attention are compared after both steps.
+void run_attention_case(CudaBackend& gpu, CpuBackend& cpu, const AttnCase& c, DType dt, int quant_bits,
+                        std::mt19937& rng, Worst& worst) {
+  const std::string kv_name = quant_bits == 0 ? "attention" : "attention KV int" + std::to_string(quant_bits);
+  const int layers = 2, layer = 1, qkv_cols = (c.heads + 2 * c.kv_heads) * c.head_dim;
+  RopeConfig rope;
+  rope.head_dim = c.head_dim;
+  rope.theta = 10000.0;
+  std::vector<std::vector<int>> blocks;
+  int num_blocks = 0;
+  for (auto [ctx, n] : c.seqs) num_blocks += blocks_for(ctx + n, c.block_len);
+  std::vector<int> all(num_blocks);
+  std::iota(all.begin(), all.end(), 0);
+  std::shuffle(all.begin(), all.end(), rng);  // block tables out of order, interleaved between sequences
+  int next = 0;
+  for (auto [ctx, n] : c.seqs) {
+    const int nb = blocks_for(ctx + n, c.block_len);
+    blocks.emplace_back(all.begin() + next, all.begin() + next + nb);
+    next += nb;
+  }
+  KvCacheLayout L{layers, c.kv_heads, c.head_dim, c.block_len, num_blocks, quant_bits};
+  KvCacheStorage ccache = cpu.alloc_kv_cache(L, DType::F32), gcache = gpu.alloc_kv_cache(L, dt);
+
+  for (int step = 0; step < 2; ++step) {
+    BatchLayout batch;
+    int tokens = 0;
+    for (size_t s = 0; s < c.seqs.size(); ++s) {
+      const auto [ctx, n] = c.seqs[s];
+      const int num_new = step == 0 ? ctx : n, context = step == 0 ? 0 : ctx;
+      if (num_new == 0) continue;
+      batch.seqs.push_back({tokens, num_new, context, blocks[s]});
+      tokens += num_new;
+    }
+    if (tokens == 0) continue;
+    INFO("step " << step << " tokens " << tokens);
+    const auto qkv = rounded(random_values(rng, int64_t(tokens) * qkv_cols), dt);
+    DeviceTensor cqkv = on(cpu, qkv, {tokens, qkv_cols}, DType::F32),
+                 gqkv = on(gpu, qkv, {tokens, qkv_cols}, dt);
+    cpu.rope_kv_write(cqkv, batch, layer, c.heads, rope, ccache);
+    gpu.rope_kv_write(gqkv, batch, layer, c.heads, rope, gcache);
+    CHECK(worst.add("rope_kv_write", dt, test::rel_error(values(gpu, gqkv), values(cpu, cqkv))) <
+          tolerance(dt));
+
+    DeviceTensor cout = cpu.alloc(DType::F32, {tokens, c.heads * c.head_dim});
+    Guarded g = guarded(gpu, dt, {tokens, c.heads * c.head_dim});
+    cpu.attention(cqkv, batch, layer, c.heads, ccache, cout);
+    gpu.attention(gqkv, batch, layer, c.heads, gcache, g.view);
+    check_written(gpu, g);
+    // The GPU's K/V tiles hold dequantized values rounded to dt: one more rounding than the reference.
+    CHECK(worst.add(kv_name, dt, test::rel_error(values(gpu, g.view), values(cpu, cout))) <
+          2 * tolerance(dt));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cuda: rope_kv_write and paged attention match the CPU", "[gpu]") {
+  LMD_REQUIRE_GPU();
+  CudaBackend gpu;
+  CpuBackend cpu;  // all cores: the long-context cases are heavy for the reference
+  std::mt19937 rng(3);
+  Worst worst;
+  const std::vector<std::pair<int, int>> mixed{{0, 1}, {37, 1}, {100, 13}, {0, 70}, {17, 3}};
+  const std::vector<AttnCase> cases{
+      {8, 8, 64, 16, mixed},                     // MHA, head_dim 64
+      {8, 4, 128, 16, mixed},                    // GQA 2
+      {16, 4, 64, 64, mixed},                    // GQA 4, blocks of 64
+      {32, 4, 128, 16, mixed},                   // GQA 8
+      {8, 1, 64, 32, {{5, 9}, {250, 1}}},        // GQA 8 with one KV head
+      {8, 4, 8, 16, {{0, 30}, {12, 1}}},         // stories260K's head_dim 8
+      {32, 32, 128, 64, {{1500, 1}, {700, 2}}},  // long decode: split-K with the combine pass
+      {4, 2, 256, 16, {{40, 5}}},                // head_dim 256
+  };
+  for (const AttnCase& c : cases)
+    for (DType dt : kDtypes) {
+      if (dt == DType::F32 && c.head_dim > 128) continue;  // fp32 tiles of 256 dims exceed shared memory
+      INFO(dtype_name(dt) << " heads " << c.heads << "/" << c.kv_heads << " head_dim " << c.head_dim
+                          << " block " << c.block_len);
+      run_attention_case(gpu, cpu, c, dt, 0, rng, worst);
+    }
+  for (int bits : {8, 4})
+    for (const AttnCase& c : {cases[1], cases[6]}) {
+      INFO("KV int" << bits << " heads " << c.heads << "/" << c.kv_heads << " head_dim " << c.head_dim);
+      run_attention_case(gpu, cpu, c, DType::F16, bits, rng, worst);
+    }
+  worst.report();
+}
+
+namespace {
+
+nlohmann::json read_json(const std::filesystem::path& p) {
+  std::ifstream f(p);
+  REQUIRE(f.good());
+  return nlohmann::json::parse(f);
+}
+
+struct Greedy {
+  std::vector<int> ids;
+  std::vector<std::vector<float>> logits;  // per generated token
+};
+
+// Prefill `prompt`, then decode `n` tokens greedily one at a time through a paged cache of 16-token
+// blocks laid out in reverse order.
+Greedy greedy(Model& model, const std::vector<int>& prompt, int n) {
+  const int total = int(prompt.size()) + n, block_len = 16;
+  KvCacheStorage cache = model.backend().alloc_kv_cache(
+      model.kv_layout(blocks_for(total, block_len), block_len, 0), model.activation_dtype());
+  std::vector<int> blocks(blocks_for(total, block_len));
+  for (size_t i = 0; i < blocks.size(); ++i) blocks[i] = int(blocks.size() - 1 - i);
+  Greedy g;
+  std::vector<int> ids = prompt;
+  int context = 0;
+  for (int step = 0; step < n; ++step) {
+    BatchLayout batch;
+    batch.seqs.push_back({0, int(ids.size()), context, blocks});
+    g.logits.push_back(model.forward(ids, batch, cache));
+    const auto& l = g.logits.back();
+    g.ids.push_back(int(std::max_element(l.begin(), l.end()) - l.begin()));
+    context += int(ids.size());
+    ids = {g.ids.back()};
+  }
+  return g;
+}
+
+// Compares greedy ids with the reference. The runs must agree until a step where the reference's token
+// was, in our logits, within `tie` of our top logit (a near-tie that rounding may legitimately flip);
+// after such a step the sequences diverge and are not compared further. Returns the matching prefix.
+int check_greedy(const Greedy& got, const std::vector<int>& expected, float tie) {
+  size_t i = 0;
+  while (i < expected.size() && i < got.ids.size() && got.ids[i] == expected[i]) ++i;
+  if (i < expected.size()) {
+    REQUIRE(i < got.ids.size());
+    const auto& l = got.logits[i];
+    const float top = *std::max_element(l.begin(), l.end());
+    WARN("first difference at generated token " << i << ": got " << got.ids[i] << ", reference "
+                                                << expected[i] << ", logit gap " << top - l[expected[i]]);
+    CHECK(top - l[expected[i]] <= tie);
+  }
+  return int(i);
+}
+
+}  // namespace
+
+TEST_CASE("cuda: stories260K reproduces transformers' 200 greedy ids", "[gpu]") {
+  LMD_REQUIRE_GPU();
+  LMD_REQUIRE_ASSETS();
+  const auto dir = test::model_dir("stories260K");
+  const std::vector<int> ref = read_json(dir / "greedy_reference.json")["greedy_200_ids"];
+  const std::vector<int> expected(ref.begin() + 1, ref.end());  // BOS, then 199 generated ids
+  {
+    // fp32 activations: only summation order differs from transformers, so every id must match.
+    CudaBackend gpu(0, DType::F32);
+    auto model = Model::load(dir, gpu);
+    const Greedy g = greedy(*model, {1}, int(expected.size()));
+    CHECK(g.ids == expected);
+  }
+  {
+    // fp16, the default for this fp32 checkpoint.
+    CudaBackend gpu;
+    auto model = Model::load(dir, gpu);
+    REQUIRE(model->activation_dtype() == DType::F16);
+    const int same = check_greedy(greedy(*model, {1}, int(expected.size())), expected, 0.05f);
+    WARN("stories260K fp16: " << same << " of " << expected.size() << " greedy ids match transformers fp32");
+  }
+}
+
+TEST_CASE("cuda: wt2-llama-22m logits and greedy ids match transformers", "[gpu]") {
+  LMD_REQUIRE_GPU();
+  LMD_REQUIRE_ASSETS();
+  const auto dir = test::model_dir("wt2-llama-22m");
+  const nlohmann::json ref = read_json(dir / "reference.json");
+  CudaBackend gpu;
+  auto model = Model::load(dir, gpu);
+  REQUIRE(model->activation_dtype() == DType::F16);
+  for (const auto& [prompt, data] : ref["prompts"].items()) {
+    INFO(prompt);
+    const std::vector<int> ids = data["input_ids"];
+    const std::vector<float> expected = data["last_logits"];
+    const std::vector<int> greedy32 = data["greedy32"];
+    const Greedy g = greedy(*model, ids, int(greedy32.size()));
+    const double err = test::rel_error(g.logits[0], expected);
+    WARN("wt2-llama-22m fp16 last-logit relative error " << err);
+    CHECK(err < 1e-2);
+    const int same = check_greedy(g, greedy32, 0.05f);
+    WARN("wt2-llama-22m fp16: " << same << " of " << greedy32.size() << " greedy ids match");
+  }
+}
+
+TEST_CASE("cuda: a CUDA model and the CPU model agree on a batch with chunked prefill", "[gpu]") {
+  LMD_REQUIRE_GPU();
+  LMD_REQUIRE_ASSETS();
+  const auto dir = test::model_dir("wt2-llama-22m");
+  CudaBackend gpu;
+  CpuBackend cpu(2);
+  auto gm = Model::load(dir, gpu);
+  auto cm = Model::load(dir, cpu);
+  // Two sequences: the first prefills 40 tokens in chunks of 23 and 17, the second joins with 9.
+  std::mt19937 rng(5);
+  std::vector<int> a(40), b(9);
+  for (int& t : a) t = 3 + int(rng() % 31000);
+  for (int& t : b) t = 3 + int(rng() % 31000);
+  const int block_len = 16;
+  KvCacheStorage gc = gpu.alloc_kv_cache(gm->kv_layout(8, block_len, 0), gm->activation_dtype());
+  KvCacheStorage cc = cpu.alloc_kv_cache(cm->kv_layout(8, block_len, 0), cm->activation_dtype());
+  const std::vector<int> ablocks{5, 2, 7}, bblocks{0};
+  BatchLayout first;
+  first.seqs.push_back({0, 23, 0, ablocks});
+  const std::vector<int> first_ids(a.begin(), a.begin() + 23);
+  CHECK(test::rel_error(gm->forward(first_ids, first, gc), cm->forward(first_ids, first, cc)) < 1e-2);
+  BatchLayout second;
+  second.seqs.push_back({0, 17, 23, ablocks});
+  second.seqs.push_back({17, 9, 0, bblocks});
+  std::vector<int> second_ids(a.begin() + 23, a.end());
+  second_ids.insert(second_ids.end(), b.begin(), b.end());
+  const auto gl = gm->forward(second_ids, second, gc, true), cl = cm->forward(second_ids, second, cc, true);
+  const double err = test::rel_error(gl, cl);
+  WARN("wt2-llama-22m fp16 vs CPU fp32, all logits of a mixed batch: relative error " << err);
+  CHECK(err < 1e-2);
+}
+
+#else
+
+TEST_CASE("cuda: not built", "[gpu]") { WARN("built without the CUDA backend; GPU tests skipped"); }
+
+#endif
