@@ -290,7 +290,8 @@ void CudaBackend::add_rmsnorm(DeviceTensor& residual, const DeviceTensor& x, con
 void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTensor& out) {
   if (w.is_int4()) fail("CUDA linear: int4 weights must be dequantized by prepare_linear");
   require_same(x, w.weight, "linear");
-  require_same(x, out, "linear");
+  // The output may be fp32 from 16-bit inputs (the logits: fp16 logits tie and flip greedy choices).
+  if (out.dtype != x.dtype && !(out.dtype == DType::F32 && w.bias.empty())) require_same(x, out, "linear");
   const int64_t in = w.in_features, outf = w.out_features, tokens = x.numel() / in;
   if (x.dim(-1) != in) fail("linear: input has ", x.dim(-1), " features, weight expects ", in);
   if (tokens == 0) return;
@@ -299,7 +300,7 @@ void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTen
   const cudaDataType type = cuda_type(x.dtype);
   LMD_CUBLAS_CHECK(cublasGemmEx(state_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(outf), int(tokens), int(in),
                                 &alpha, w.weight.data, type, int(in), x.data, type, int(in), &beta, out.data,
-                                type, int(outf), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                cuda_type(out.dtype), int(outf), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   if (!w.bias.empty()) {
     require_same(x, w.bias, "linear bias");
     cuda::add_bias(x.dtype, out.data, w.bias.data, tokens, int(outf), state_->stream);

@@ -170,7 +170,8 @@ std::vector<float> Model::forward(const std::vector<int>& ids, const BatchLayout
   }
   DeviceTensor last = be.alloc(act_, {int64_t(rows.size()), H});
   be.gather_rows(normed, rows, last);
-  DeviceTensor logits = be.alloc(act_, {int64_t(rows.size()), spec_.vocab});
+  // fp32 logits: in 16 bits the top two often round to one value and greedy choices flip.
+  DeviceTensor logits = be.alloc(DType::F32, {int64_t(rows.size()), spec_.vocab});
   be.linear(last, lm_head_, logits);
   return be.download(logits).to_f32();
 }

@@ -102,7 +102,7 @@ class Backend {
   // residual += x; out = rmsnorm(residual) * weight (the pre-norm block boundary, fused).
   virtual void add_rmsnorm(DeviceTensor& residual, const DeviceTensor& x, const DeviceTensor& weight,
                            float eps, DeviceTensor& out) = 0;
-  // out [tokens, out] = x [tokens, in] * W^T + bias.
+  // out [tokens, out] = x [tokens, in] * W^T + bias. `out` is in the activation dtype, or fp32 (logits).
   virtual void linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTensor& out) = 0;
   // qkv [tokens, (heads + 2*kv_heads) * head_dim]: rotates q and k in place (HF rotate-half), and
   // writes k and v of every new token into the cache at its position (quantizing when the cache is).
