@@ -95,6 +95,10 @@ int run_api_client(const ApiClientOptions& options, std::istream& in, std::ostre
                    bool show_prompts) {
   InteractiveClient client(options, err);
   if (show_prompts) err << "lmd: chatting with " << options.url << "; `end` starts a new session, `exit` quits\n";
+  // An empty stateless request ends the session on the server and frees its KV.
+  auto end_session = [&] {
+    return client.session_id() <= 0 || client.send({{"prompt", ""}, {"interactive_mode", false}}, [](auto&) {});
+  };
   std::string line;
   for (;;) {
     if (show_prompts) out << "\n>>> " << std::flush;
@@ -102,9 +106,7 @@ int run_api_client(const ApiClientOptions& options, std::istream& in, std::ostre
     const std::string text = trim(line);
     if (text == "exit") break;
     if (text == "end") {
-      // An empty stateless request ends the session on the server and frees its KV.
-      if (client.session_id() > 0 && !client.send({{"prompt", ""}, {"interactive_mode", false}}, [](auto&) {}))
-        return 1;
+      if (!end_session()) return 1;
       client.new_session();
       out << "(new session)" << std::endl;
       continue;
@@ -118,7 +120,8 @@ int run_api_client(const ApiClientOptions& options, std::istream& in, std::ostre
     if (!client.send(request, [&](const std::string& piece) { out << piece << std::flush; })) return 1;
     out << std::endl;
   }
-  return 0;
+  // A session the user named may be continued later; one the server picked is ended.
+  return options.session_id > 0 || end_session() ? 0 : 1;
 }
 
 }  // namespace lmd::server

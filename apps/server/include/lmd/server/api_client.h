@@ -18,6 +18,7 @@ struct ApiClientOptions {
 
 // Reads one user message per line from `in` (`exit` quits, `end` ends the session and starts a new one)
 // and streams each reply to `out`; with `show_prompts`, writes a prompt before each line (a terminal).
+// Leaving ends the session unless the user named it (--session-id), so that it can be continued.
 // Returns the process exit status: 0, or 1 when the server cannot be reached or refuses a request.
 int run_api_client(const ApiClientOptions& options, std::istream& in, std::ostream& out, std::ostream& err,
                    bool show_prompts);
