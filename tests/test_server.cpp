@@ -66,7 +66,8 @@ TEST_CASE("Llama 3.1 and Qwen2.5 tool calls parse; Qwen may call several", "[ser
 
   ParsedReply qwen = parse_tool_calls(
       ToolFormat::Qwen25,
-      "Checking both.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n"
+      "Checking both.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": "
+      "\"Paris\"}}\n</tool_call>\n"
       "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}\n</tool_call>");
   REQUIRE(qwen.calls.size() == 2);
   CHECK(qwen.content == "Checking both.");
@@ -88,7 +89,34 @@ TEST_CASE("Malformed tool calls come back as plain content", "[server][tools]") 
     CHECK(parsed.calls.empty());
     CHECK(parsed.content == text);
   }
-  CHECK(parse_tool_calls(ToolFormat::None, " <tool_call>{}</tool_call> ").content == "<tool_call>{}</tool_call>");
+  CHECK(parse_tool_calls(ToolFormat::None, " <tool_call>{}</tool_call> ").content ==
+        "<tool_call>{}</tool_call>");
+}
+
+TEST_CASE("Streamed replies split into content and tool calls at any token boundary", "[server][tools]") {
+  const std::string reply =
+      "Checking both.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n"
+      "</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
+  for (size_t piece : {size_t(1), size_t(3), size_t(7), reply.size()}) {
+    CAPTURE(piece);
+    ToolCallStream stream(ToolFormat::Qwen25);
+    std::string shown;
+    for (size_t pos = 0; pos < reply.size(); pos += piece) shown += stream.push(reply.substr(pos, piece));
+    const ParsedReply end = stream.finish();
+    CHECK(shown == "Checking both.\n");
+    CHECK(end.content.empty());
+    REQUIRE(end.calls.size() == 2);
+    CHECK(end.calls[1].name == "get_time");
+  }
+  // A call that does not parse is shown as text after all; without a tool format everything is text.
+  const std::string broken = "Sure <tool_call>{not json</tool_call>";
+  ToolCallStream stream(ToolFormat::Qwen25);
+  std::string shown = stream.push(broken);
+  const ParsedReply end = stream.finish();
+  CHECK(end.calls.empty());
+  CHECK(shown + end.content == broken);
+  ToolCallStream plain(ToolFormat::None);
+  CHECK(plain.push(broken) + plain.finish().content == broken);
 }
 
 TEST_CASE("A rendered tool call parses back to itself in every format", "[server][tools]") {
@@ -124,20 +152,22 @@ TEST_CASE("Chat prompts carry tools, calls and results in the model's syntax", "
   const ChatRequest request = parse_chat_request(body);
 
   const std::string internlm2 = render_chat_prompt(ChatTemplate::builtin("internlm2"), request);
-  CHECK(internlm2 ==
-        "<|im_start|>system\nBe brief.<|im_end|>\n"
-        "<|im_start|>system name=<|plugin|>\n[{\"name\":\"get_weather\",\"parameters\":{\"type\":\"object\"}}]"
-        "<|im_end|>\n"
-        "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
-        "<|im_start|>assistant\n<|action_start|><|plugin|>\n{\"name\":\"get_weather\",\"parameters\":{\"city\":"
-        "\"Paris\"}}<|action_end|><|im_end|>\n"
-        "<|im_start|>environment name=<|plugin|>\n22C<|im_end|>\n"
-        "<|im_start|>assistant\n");
+  CHECK(
+      internlm2 ==
+      "<|im_start|>system\nBe brief.<|im_end|>\n"
+      "<|im_start|>system name=<|plugin|>\n[{\"name\":\"get_weather\",\"parameters\":{\"type\":\"object\"}}]"
+      "<|im_end|>\n"
+      "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+      "<|im_start|>assistant\n<|action_start|><|plugin|>\n{\"name\":\"get_weather\",\"parameters\":{\"city\":"
+      "\"Paris\"}}<|action_end|><|im_end|>\n"
+      "<|im_start|>environment name=<|plugin|>\n22C<|im_end|>\n"
+      "<|im_start|>assistant\n");
 
   const std::string qwen = render_chat_prompt(ChatTemplate::builtin("qwen2.5"), request);
   CHECK(qwen.find("<|im_start|>system\nBe brief.\n\n# Tools") == 0);
   CHECK(qwen.find("<tools>\n{\"function\":{\"name\":\"get_weather\"") != std::string::npos);
-  CHECK(qwen.find("<|im_start|>user\n<tool_response>\n22C\n</tool_response><|im_end|>\n<|im_start|>assistant\n") !=
+  CHECK(qwen.find(
+            "<|im_start|>user\n<tool_response>\n22C\n</tool_response><|im_end|>\n<|im_start|>assistant\n") !=
         std::string::npos);
 
   const std::string llama3 = render_chat_prompt(ChatTemplate::builtin("llama3"), request);
@@ -182,7 +212,9 @@ TEST_CASE("Bad requests are 400s that name the field", "[server][validation]") {
     CAPTURE(body.dump());
     CHECK(api_error_of([&] { parse_chat_request(body); }) == std::make_pair(400, param));
   }
-  CHECK(api_error_of([] { parse_completion_request({{"prompt", 5}}); }) == std::make_pair(400, std::string("prompt")));
+  CHECK(api_error_of([] {
+          parse_completion_request({{"prompt", 5}});
+        }) == std::make_pair(400, std::string("prompt")));
   CHECK(api_error_of([] { parse_body("{\"messages\": ["); }).first == 400);
   CHECK(api_error_of([] { parse_body("{\"a\": \"\xff\xfe\"}"); }).first == 400);
   CHECK(api_error_of([] { parse_body("[1, 2]"); }).first == 400);
@@ -233,9 +265,10 @@ class RawClient {
   }
   void send(const std::string& method, const std::string& path, const std::string& body,
             const std::string& extra_headers = "") {
-    const std::string request = method + " " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" +
-                                extra_headers + "Content-Type: application/json\r\nContent-Length: " +
-                                std::to_string(body.size()) + "\r\n\r\n" + body;
+    const std::string request =
+        method + " " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + extra_headers +
+        "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n" +
+        body;
     REQUIRE(::send(fd_, request.data(), request.size(), MSG_NOSIGNAL) == ssize_t(request.size()));
   }
   // Reads until `marker` has arrived (or the server closes); returns everything read so far.
@@ -254,7 +287,8 @@ class RawClient {
     const int status = std::stoi(received_.substr(9, 3));
     const size_t head_end = received_.find("\r\n\r\n");
     std::string body = received_.substr(head_end + 4);
-    if (received_.substr(0, head_end).find("Transfer-Encoding: chunked") == std::string::npos) return {status, body};
+    if (received_.substr(0, head_end).find("Transfer-Encoding: chunked") == std::string::npos)
+      return {status, body};
     std::string plain;
     for (size_t pos = 0;;) {
       const size_t line_end = body.find("\r\n", pos);
@@ -271,8 +305,8 @@ class RawClient {
   std::string received_;
 };
 
-std::pair<int, json> call(int port, const std::string& method, const std::string& path, const std::string& body,
-                          const std::string& headers = "") {
+std::pair<int, json> call(int port, const std::string& method, const std::string& path,
+                          const std::string& body, const std::string& headers = "") {
   RawClient client(port);
   client.send(method, path, body, headers);
   auto [status, text] = client.response();
@@ -285,7 +319,8 @@ struct LiveServer {
         model(Model::load(test::model_dir("stories260K"), cpu)),
         tokenizer(Tokenizer::load(test::model_dir("stories260K"))),
         chat_template(select_chat_template(test::model_dir("stories260K"), "")),
-        engine(*model, EngineConfig{.max_batch_size = 8, .session_len = 256, .block_len = 16, .num_blocks = 64}),
+        engine(*model,
+               EngineConfig{.max_batch_size = 8, .session_len = 256, .block_len = 16, .num_blocks = 64}),
         server(std::move(options)) {
     server.bind();
     server.set_model({&engine, &tokenizer, &chat_template, {}});
@@ -338,12 +373,9 @@ TEST_CASE("The server's greedy completion equals the engine's, and errors are JS
   // Stop strings end the text before them, across token boundaries.
   const std::string text = body["choices"][0]["text"];
   const std::string stop = text.substr(10, 4);
-  auto [stop_status, stopped] = call(port, "POST", "/v1/completions",
-                                     json{{"prompt", "Once upon a time"},
-                                          {"max_tokens", 24},
-                                          {"temperature", 0},
-                                          {"stop", stop}}
-                                         .dump());
+  auto [stop_status, stopped] = call(
+      port, "POST", "/v1/completions",
+      json{{"prompt", "Once upon a time"}, {"max_tokens", 24}, {"temperature", 0}, {"stop", stop}}.dump());
   CHECK(stop_status == 200);
   CHECK(stopped["choices"][0]["text"] == text.substr(0, text.find(stop)));
   CHECK(stopped["choices"][0]["finish_reason"] == "stop");
@@ -390,7 +422,8 @@ TEST_CASE("API keys are enforced and interactive sessions keep their history", "
   const std::string auth = "Authorization: Bearer secret\r\n";
   CHECK(call(port, "GET", "/v1/models", "", auth).second["data"][0]["id"] == "stories260K");
 
-  const std::string turn = R"({"session_id": 7, "interactive_mode": true, "prompt": "Lily", "request_output_len": 8,
+  const std::string turn =
+      R"({"session_id": 7, "interactive_mode": true, "prompt": "Lily", "request_output_len": 8,
                               "temperature": 0})";
   auto [first_status, first] = call(port, "POST", "/v1/chat/interactive", turn, auth);
   REQUIRE(first_status == 200);

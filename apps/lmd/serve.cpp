@@ -117,8 +117,9 @@ void run_api_client(const ApiClientCliOptions& opt) {
 #else
 
 [[noreturn]] void without_server() {
-  fail("this lmd was built without the HTTP server: cpp-httplib was not found when it was built "
-       "(install libcpp-httplib-dev and rebuild)");
+  fail(
+      "this lmd was built without the HTTP server: cpp-httplib was not found when it was built "
+      "(install libcpp-httplib-dev and rebuild)");
 }
 void run_api_server(const ApiServerOptions&) { without_server(); }
 void run_api_client(const ApiClientCliOptions&) { without_server(); }
@@ -133,13 +134,15 @@ void add_serve_command(CLI::App& app) {
 
   auto so = std::make_shared<ApiServerOptions>();
   CLI::App* api_server = serve->add_subcommand(
-      "api_server", "OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/chat/interactive, ...");
+      "api_server",
+      "OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/chat/interactive, ...");
   cli::add_model_path(*api_server, so->model_path);
   cli::add_engine_options(*api_server, so->engine);
   api_server->add_option("--server-name", so->server_name, "address to listen on (0.0.0.0: all interfaces)");
   api_server->add_option("--server-port", so->server_port, "port to listen on")->check(CLI::Range(0, 65535));
   api_server->add_option("--api-keys", so->api_keys, "keys clients must send as 'Authorization: Bearer KEY'");
-  api_server->add_option("--model-name", so->model_name, "the model's name in the API; default: the folder's name");
+  api_server->add_option("--model-name", so->model_name,
+                         "the model's name in the API; default: the folder's name");
   api_server->add_option("--allow-origins", so->allow_origins, "origins allowed by CORS ('*': any)");
   api_server
       ->add_option("--max-concurrent-requests", so->max_concurrent_requests,
@@ -151,11 +154,13 @@ void add_serve_command(CLI::App& app) {
 
   auto co = std::make_shared<ApiClientCliOptions>();
   CLI::App* api_client = serve->add_subcommand(
-      "api_client", "Chat in the terminal with a running api_server (`exit` quits, `end` starts a new session)");
+      "api_client",
+      "Chat in the terminal with a running api_server (`exit` quits, `end` starts a new session)");
   api_client->add_option("api_server_url", co->url, "the server, e.g. http://127.0.0.1:23333")->required();
   api_client->add_option("--api-key", co->api_key, "sent as 'Authorization: Bearer KEY'");
   api_client->add_option("--session-id", co->session_id, "the session to continue; default: a new one");
-  api_client->add_option("--max-new-tokens", co->max_tokens, "most tokens per reply")->check(CLI::Range(1, 1 << 30));
+  api_client->add_option("--max-new-tokens", co->max_tokens, "most tokens per reply")
+      ->check(CLI::Range(1, 1 << 30));
   api_client->add_option("--temperature", co->temperature, "sampling temperature; 0: greedy")
       ->check(CLI::Range(0.0, 2.0));
   api_client->add_option("--top-p", co->top_p, "nucleus sampling mass")->check(CLI::Range(0.0, 1.0));

@@ -56,7 +56,8 @@ class InteractiveClient {
         if (chunk.contains("session_id") && chunk["session_id"].is_number_integer())
           session_id_ = chunk["session_id"].get<int64_t>();
         if (chunk.contains("text") && chunk["text"].is_string()) on_text(chunk["text"].get<std::string>());
-        if (chunk.contains("error") && chunk["error"].is_string()) err_ << "\nlmd: " << chunk["error"].get<std::string>() << "\n";
+        if (chunk.contains("error") && chunk["error"].is_string())
+          err_ << "\nlmd: " << chunk["error"].get<std::string>() << "\n";
       }
       return true;
     };
@@ -94,10 +95,12 @@ class InteractiveClient {
 int run_api_client(const ApiClientOptions& options, std::istream& in, std::ostream& out, std::ostream& err,
                    bool show_prompts) {
   InteractiveClient client(options, err);
-  if (show_prompts) err << "lmd: chatting with " << options.url << "; `end` starts a new session, `exit` quits\n";
+  if (show_prompts)
+    err << "lmd: chatting with " << options.url << "; `end` starts a new session, `exit` quits\n";
   // An empty stateless request ends the session on the server and frees its KV.
   auto end_session = [&] {
-    return client.session_id() <= 0 || client.send({{"prompt", ""}, {"interactive_mode", false}}, [](auto&) {});
+    return client.session_id() <= 0 ||
+           client.send({{"prompt", ""}, {"interactive_mode", false}}, [](auto&) {});
   };
   std::string line;
   for (;;) {

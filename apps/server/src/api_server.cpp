@@ -78,7 +78,13 @@ void send_chunked(httplib::Response& res, const char* content_type, std::string 
   auto state = std::make_shared<State>(State{std::move(step), std::move(heartbeat)});
   res.set_chunked_content_provider(content_type, [state](size_t, httplib::DataSink& sink) {
     std::string out;
-    const bool more = state->step(out);
+    bool more = false;
+    try {
+      more = state->step(out);
+    } catch (const std::exception& e) {
+      // The status line is already sent: the error can only go into the body.
+      out += dump_json(error_body(500, std::string("internal error: ") + e.what()));
+    }
     if (out.empty() && more && Clock::now() - state->last_write > kHeartbeatInterval) out = state->heartbeat;
     if (!out.empty()) {
       if (!sink.write(out.data(), out.size())) return false;
@@ -113,13 +119,15 @@ json chat_logprobs(const Tokenizer& tokenizer, const std::vector<TokenLogprob>& 
       const std::string alt = token_text(tokenizer, id);
       top.push_back({{"token", alt}, {"logprob", logprob}, {"bytes", utf8_bytes(alt)}});
     }
-    content.push_back({{"token", text}, {"logprob", t.logprob}, {"bytes", utf8_bytes(text)}, {"top_logprobs", top}});
+    content.push_back(
+        {{"token", text}, {"logprob", t.logprob}, {"bytes", utf8_bytes(text)}, {"top_logprobs", top}});
   }
   return {{"content", content}};
 }
 
 // Completion logprobs: parallel arrays, text_offset counted from `offset` in the choice's text.
-json completion_logprobs(const Tokenizer& tokenizer, const std::vector<TokenLogprob>& tokens, size_t& offset) {
+json completion_logprobs(const Tokenizer& tokenizer, const std::vector<TokenLogprob>& tokens,
+                         size_t& offset) {
   json result = {{"tokens", json::array()},
                  {"token_logprobs", json::array()},
                  {"top_logprobs", json::array()},
@@ -141,37 +149,6 @@ void append_completion_logprobs(json& into, const json& more) {
   for (const char* key : {"tokens", "token_logprobs", "top_logprobs", "text_offset"})
     for (const json& v : more[key]) into[key].push_back(v);
 }
-
-// Splits one chat choice's text into content and tool calls as it streams: content is passed on until
-// the text that opens a call, and everything from there is held until the reply ends and then parsed.
-class ToolCallSplitter {
- public:
-  explicit ToolCallSplitter(ToolFormat format)
-      : format_(format), gate_(format == ToolFormat::None ? std::vector<std::string>{}
-                                                           : std::vector<std::string>{tool_call_start(format)}) {}
-
-  // The content that can be shown now.
-  std::string push(const std::string& text) {
-    text_ += text;
-    std::string shown = gate_.push(text);
-    shown_ += shown.size();
-    return shown;
-  }
-
-  // At the end of the reply: the rest of the content and the calls.
-  ParsedReply finish() {
-    if (!gate_.stopped()) return {gate_.flush(), {}};
-    ParsedReply parsed = parse_tool_calls(format_, std::string_view(text_).substr(shown_));
-    if (parsed.calls.empty()) parsed.content = text_.substr(shown_);  // not a call after all: plain text
-    return parsed;
-  }
-
- private:
-  ToolFormat format_;
-  StopStringMatcher gate_;
-  std::string text_;
-  size_t shown_ = 0;
-};
 
 json tool_calls_json(const std::vector<ToolCall>& calls, bool with_index) {
   json out = json::array();
@@ -199,9 +176,10 @@ struct ApiServer::Impl {
 
   void check_model_name(const std::string& requested) const {
     if (!requested.empty() && requested != options.model_name)
-      throw ApiError(404, "the model '" + requested + "' does not exist; this server serves '" +
-                              options.model_name + "'",
-                     "invalid_request_error", "model_not_found", "model");
+      throw ApiError(
+          404,
+          "the model '" + requested + "' does not exist; this server serves '" + options.model_name + "'",
+          "invalid_request_error", "model_not_found", "model");
   }
 
   // A slot among --max-concurrent-requests, held while the request generates or waits to.
@@ -209,15 +187,16 @@ struct ApiServer::Impl {
     const int limit = options.max_concurrent_requests;
     if (++metrics.generations_in_flight > limit) {
       --metrics.generations_in_flight;
-      throw ApiError(429, "the server is busy (" + std::to_string(limit) + " requests in flight); retry later",
+      throw ApiError(429,
+                     "the server is busy (" + std::to_string(limit) + " requests in flight); retry later",
                      "rate_limit_error", "too_many_requests");
     }
     return std::shared_ptr<void>(nullptr, [this](void*) { --metrics.generations_in_flight; });
   }
 
   // Starts a generation and registers it so that a shutdown can cancel it.
-  std::shared_ptr<Generation> generate(const std::vector<std::vector<int>>& prompts, const GenerationOptions& options,
-                                       SessionTarget session = {}) {
+  std::shared_ptr<Generation> generate(const std::vector<std::vector<int>>& prompts,
+                                       const GenerationOptions& options, SessionTarget session = {}) {
     auto generation = std::make_shared<Generation>(model, metrics, prompts, options, session);
     std::lock_guard lock(generations_mutex);
     std::erase_if(generations, [](auto& weak) { return weak.expired(); });
@@ -301,8 +280,8 @@ void ApiServer::Impl::install_routes() {
     return httplib::Server::HandlerResponse::Unhandled;
   });
   // Errors httplib answers itself (unknown path, oversize body, unparsable request) get a JSON body too.
-  http.set_error_handler(httplib::Server::HandlerWithResponse(
-      [this](const httplib::Request&, httplib::Response& res) {
+  http.set_error_handler(
+      httplib::Server::HandlerWithResponse([this](const httplib::Request&, httplib::Response& res) {
         if (!res.body.empty() || res.is_chunked_content_provider_)
           return httplib::Server::HandlerResponse::Unhandled;
         std::string message = "the request could not be read";
@@ -326,7 +305,8 @@ void ApiServer::Impl::install_routes() {
   });
   http.set_logger([this](const httplib::Request& req, const httplib::Response& res) {
     metrics.count_response(res.status);
-    if (options.log_requests) std::cerr << "lmd: " << req.method << " " << req.path << " " << res.status << "\n";
+    if (options.log_requests)
+      std::cerr << "lmd: " << req.method << " " << req.path << " " << res.status << "\n";
   });
 
   http.Get("/", [this](const httplib::Request& req, httplib::Response& res) {
@@ -347,18 +327,19 @@ void ApiServer::Impl::install_routes() {
     res.set_content(metrics.render(stats), "text/plain; version=0.0.4");
   });
   http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
-    json card = {{"id", options.model_name},   {"object", "model"}, {"created", unix_time()},
-                 {"owned_by", "lmd"},          {"root", options.model_name},
-                 {"permission", json::array()}};
+    json card = {{"id", options.model_name}, {"object", "model"},          {"created", unix_time()},
+                 {"owned_by", "lmd"},        {"root", options.model_name}, {"permission", json::array()}};
     if (ready) card["max_model_len"] = model.engine->config().session_len;
     send_json(res, 200, {{"object", "list"}, {"data", json::array({card})}});
   });
-  http.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) { handle_chat(req, res); });
+  http.Post("/v1/chat/completions",
+            [this](const httplib::Request& req, httplib::Response& res) { handle_chat(req, res); });
   http.Post("/v1/completions",
             [this](const httplib::Request& req, httplib::Response& res) { handle_completions(req, res); });
   http.Post("/v1/chat/interactive",
             [this](const httplib::Request& req, httplib::Response& res) { handle_interactive(req, res); });
-  http.Post("/v1/encode", [this](const httplib::Request& req, httplib::Response& res) { handle_encode(req, res); });
+  http.Post("/v1/encode",
+            [this](const httplib::Request& req, httplib::Response& res) { handle_encode(req, res); });
 }
 
 void ApiServer::Impl::handle_chat(const httplib::Request& req, httplib::Response& res) {
@@ -373,13 +354,14 @@ void ApiServer::Impl::handle_chat(const httplib::Request& req, httplib::Response
 
   struct ChoiceState {
     explicit ChoiceState(ToolFormat format) : splitter(format) {}
-    ToolCallSplitter splitter;
+    ToolCallStream splitter;
     std::string content;
     std::vector<TokenLogprob> logprobs;
     ParsedReply parsed;
     std::string finish_reason;
   };
-  auto choices = std::make_shared<std::vector<ChoiceState>>(generation->num_choices(), ChoiceState(tool_format));
+  auto choices =
+      std::make_shared<std::vector<ChoiceState>>(generation->num_choices(), ChoiceState(tool_format));
   const std::string id = "chatcmpl-" + random_hex(24);
   const int64_t created = unix_time();
   const GenerationOptions opts = request.options;
@@ -407,18 +389,22 @@ void ApiServer::Impl::handle_chat(const httplib::Request& req, httplib::Response
         }
       }
       if (more) return true;
-      json result = {{"id", id}, {"object", "chat.completion"}, {"created", created},
-                     {"model", model_name}, {"choices", json::array()}};
+      json result = {{"id", id},
+                     {"object", "chat.completion"},
+                     {"created", created},
+                     {"model", model_name},
+                     {"choices", json::array()}};
       for (size_t i = 0; i < choices->size(); ++i) {
         ChoiceState& c = (*choices)[i];
         const std::string content = c.content + c.parsed.content;
         json message = {{"role", "assistant"}};
         message["content"] = content.empty() && !c.parsed.calls.empty() ? json() : json(content);
         if (!c.parsed.calls.empty()) message["tool_calls"] = tool_calls_json(c.parsed.calls, false);
-        result["choices"].push_back({{"index", i},
-                                     {"message", message},
-                                     {"logprobs", opts.logprobs >= 0 ? chat_logprobs(tokenizer, c.logprobs) : json()},
-                                     {"finish_reason", c.finish_reason}});
+        result["choices"].push_back(
+            {{"index", i},
+             {"message", message},
+             {"logprobs", opts.logprobs >= 0 ? chat_logprobs(tokenizer, c.logprobs) : json()},
+             {"finish_reason", c.finish_reason}});
       }
       result["usage"] = usage_json(generation->prompt_tokens(), generation->completion_tokens());
       out = dump_json(result);
@@ -444,7 +430,8 @@ void ApiServer::Impl::handle_chat(const httplib::Request& req, httplib::Response
     };
     if (!*started) {
       *started = true;
-      for (size_t i = 0; i < choices->size(); ++i) chunk(i, {{"role", "assistant"}, {"content", ""}}, nullptr, nullptr);
+      for (size_t i = 0; i < choices->size(); ++i)
+        chunk(i, {{"role", "assistant"}, {"content", ""}}, nullptr, nullptr);
     }
     std::vector<ChoiceDelta> deltas;
     const bool more = generation->poll(deltas, kPollInterval);
@@ -457,7 +444,8 @@ void ApiServer::Impl::handle_chat(const httplib::Request& req, httplib::Response
       if (d.finish_reason == "error") out += sse(error_body(500, "generation failed: " + d.error));
       finish_choice(c, d);
       if (!c.parsed.content.empty()) chunk(d.index, {{"content", c.parsed.content}}, nullptr, nullptr);
-      if (!c.parsed.calls.empty()) chunk(d.index, {{"tool_calls", tool_calls_json(c.parsed.calls, true)}}, nullptr, nullptr);
+      if (!c.parsed.calls.empty())
+        chunk(d.index, {{"tool_calls", tool_calls_json(c.parsed.calls, true)}}, nullptr, nullptr);
       chunk(d.index, json::object(), nullptr, c.finish_reason);
     }
     if (more) return true;
@@ -527,8 +515,11 @@ void ApiServer::Impl::handle_completions(const httplib::Request& req, httplib::R
         }
       }
       if (more) return true;
-      json result = {{"id", id}, {"object", "text_completion"}, {"created", created},
-                     {"model", model_name}, {"choices", json::array()}};
+      json result = {{"id", id},
+                     {"object", "text_completion"},
+                     {"created", created},
+                     {"model", model_name},
+                     {"choices", json::array()}};
       for (size_t i = 0; i < choices->size(); ++i) {
         const ChoiceState& c = (*choices)[i];
         result["choices"].push_back(choice_json(i, c.text, c.logprobs, c.finish_reason));
@@ -543,7 +534,10 @@ void ApiServer::Impl::handle_completions(const httplib::Request& req, httplib::R
 
   send_chunked(res, "text/event-stream", ": keep-alive\n\n", [=, &tokenizer](std::string& out) {
     auto chunk = [&](const json& choice) {
-      json c = {{"id", id}, {"object", "text_completion"}, {"created", created}, {"model", model_name},
+      json c = {{"id", id},
+                {"object", "text_completion"},
+                {"created", created},
+                {"model", model_name},
                 {"choices", json::array({choice})}};
       if (opts.include_usage) c["usage"] = nullptr;
       out += sse(c);
@@ -561,7 +555,10 @@ void ApiServer::Impl::handle_completions(const httplib::Request& req, httplib::R
     }
     if (more) return true;
     if (opts.include_usage) {
-      out += sse({{"id", id}, {"object", "text_completion"}, {"created", created}, {"model", model_name},
+      out += sse({{"id", id},
+                  {"object", "text_completion"},
+                  {"created", created},
+                  {"model", model_name},
                   {"choices", json::array()},
                   {"usage", usage_json(generation->prompt_tokens(), generation->completion_tokens())}});
     }
@@ -575,10 +572,11 @@ void ApiServer::Impl::handle_interactive(const httplib::Request& req, httplib::R
   const json body = parse_body(req.body);
   const InteractiveRequest request = parse_interactive_request(body);
   const ServedModel& m = served();
-  if (request.session_id == 0) invalid_param("session_id", "'session_id' must be positive, or -1 for a new session");
+  if (request.session_id == 0)
+    invalid_param("session_id", "'session_id' must be positive, or -1 for a new session");
   // New sessions get ids that fit the int32 that LMDeploy's clients use.
-  const uint64_t session_id =
-      request.session_id > 0 ? uint64_t(request.session_id) : 1 + random_u64() % std::numeric_limits<int32_t>::max();
+  const uint64_t session_id = request.session_id > 0 ? uint64_t(request.session_id)
+                                                     : 1 + random_u64() % std::numeric_limits<int32_t>::max();
   auto result_json = [session_id](const std::string& text, int tokens, int input_tokens, int history_tokens,
                                   const json& finish_reason) {
     return json{{"text", text},
@@ -607,15 +605,16 @@ void ApiServer::Impl::handle_interactive(const httplib::Request& req, httplib::R
   Session& state = sessions[session_id];
   const bool first_turn = state.history_tokens == 0;
   const int history_tokens = state.history_tokens;
-  const std::vector<int> prompt = m.tokenizer->encode(m.chat_template->render_turn(request.prompt, first_turn),
-                                                      first_turn && m.chat_template->add_bos());
+  const std::vector<int> prompt = m.tokenizer->encode(
+      m.chat_template->render_turn(request.prompt, first_turn), first_turn && m.chat_template->add_bos());
   auto slot = admit();
   auto generation = generate({prompt}, request.options, {session_id, request.interactive_mode});
   state.running = generation;
   lock.unlock();
 
   // When the reply ends: the session now holds its history plus this turn.
-  auto record_turn = [this, session_id, generation, keep = request.interactive_mode](const std::string& finish) {
+  auto record_turn = [this, session_id, generation,
+                      keep = request.interactive_mode](const std::string& finish) {
     std::lock_guard lock(sessions_mutex);
     auto it = sessions.find(session_id);
     if (it == sessions.end()) return 0;
@@ -630,23 +629,25 @@ void ApiServer::Impl::handle_interactive(const httplib::Request& req, httplib::R
   const int input_tokens = int(prompt.size());
   auto text = std::make_shared<std::string>();
   const bool stream = request.options.stream;
-  send_chunked(res, stream ? "application/x-ndjson" : "application/json", stream ? "\n" : " ",
-               [=](std::string& out) {
-                 std::vector<ChoiceDelta> deltas;
-                 const bool more = generation->poll(deltas, kPollInterval);
-                 for (const ChoiceDelta& d : deltas) {
-                   const json finish = d.finish_reason.empty() ? json() : json(d.finish_reason);
-                   const int history = d.finish_reason.empty() ? history_tokens : record_turn(d.finish_reason);
-                   json line = result_json(stream ? d.text : *text + d.text, generation->completion_tokens(),
-                                           input_tokens, history, finish);
-                   if (d.finish_reason == "error") line["error"] = d.error;
-                   *text += d.text;
-                   if (stream) out += dump_json(line) + "\n";
-                   else if (!more) out = dump_json(line);
-                 }
-                 (void)slot;  // held until the body is complete
-                 return more;
-               });
+  send_chunked(
+      res, stream ? "application/x-ndjson" : "application/json", stream ? "\n" : " ", [=](std::string& out) {
+        std::vector<ChoiceDelta> deltas;
+        const bool more = generation->poll(deltas, kPollInterval);
+        for (const ChoiceDelta& d : deltas) {
+          const json finish = d.finish_reason.empty() ? json() : json(d.finish_reason);
+          const int history = d.finish_reason.empty() ? history_tokens : record_turn(d.finish_reason);
+          json line = result_json(stream ? d.text : *text + d.text, generation->completion_tokens(),
+                                  input_tokens, history, finish);
+          if (d.finish_reason == "error") line["error"] = d.error;
+          *text += d.text;
+          if (stream)
+            out += dump_json(line) + "\n";
+          else if (!more)
+            out = dump_json(line);
+        }
+        (void)slot;  // held until the body is complete
+        return more;
+      });
 }
 
 void ApiServer::Impl::handle_encode(const httplib::Request& req, httplib::Response& res) {
@@ -661,7 +662,8 @@ void ApiServer::Impl::handle_encode(const httplib::Request& req, httplib::Respon
   json ids = json::array(), lengths = json::array();
   for (const std::string& input : inputs) {
     const std::string text = preprocess ? m.chat_template->render({{"user", input}}, true) : input;
-    const std::vector<int> tokens = m.tokenizer->encode(text, add_bos && (!preprocess || m.chat_template->add_bos()));
+    const std::vector<int> tokens =
+        m.tokenizer->encode(text, add_bos && (!preprocess || m.chat_template->add_bos()));
     ids.push_back(tokens);
     lengths.push_back(tokens.size());
   }

@@ -18,12 +18,14 @@ class TurnSplicer {
  public:
   explicit TurnSplicer(const ChatFormat& format) : format_(format) {}
 
-  void append_turn(std::vector<ChatMessage>& messages, const std::string& role, const std::string& content) const {
+  void append_turn(std::vector<ChatMessage>& messages, const std::string& role,
+                   const std::string& content) const {
     const std::string& suffix = format_.user_suffix;
     const size_t user = format_.user_prefix.find("user");
     if (messages.empty() || user == std::string::npos || format_.system_suffix != suffix ||
         format_.assistant_suffix + format_.separator != suffix)
-      invalid_param("messages", "chat template '" + format_.name + "' cannot express a '" + role + "' turn here");
+      invalid_param("messages",
+                    "chat template '" + format_.name + "' cannot express a '" + role + "' turn here");
     std::string header = format_.user_prefix;
     header.replace(user, 4, role);
     messages.back().content += suffix + header + content;
@@ -51,10 +53,10 @@ std::string tool_choice_instruction(const ChatRequest& request) {
 }  // namespace
 
 ToolFormat request_tool_format(const ChatTemplate& tmpl, const ChatRequest& request) {
-  const bool uses_tools = !offered_functions(request).empty() ||
-                          std::any_of(request.messages.begin(), request.messages.end(), [](const ApiMessage& m) {
-                            return m.role == "tool" || !m.tool_calls.empty();
-                          });
+  const bool uses_tools =
+      !offered_functions(request).empty() ||
+      std::any_of(request.messages.begin(), request.messages.end(),
+                  [](const ApiMessage& m) { return m.role == "tool" || !m.tool_calls.empty(); });
   if (!uses_tools) return ToolFormat::None;
   const ToolFormat format = tool_format_for_template(tmpl.name());
   if (format == ToolFormat::None)
@@ -71,7 +73,8 @@ std::string render_chat_prompt(const ChatTemplate& tmpl, const ChatRequest& requ
 
   const json functions = offered_functions(request);
   if (!functions.empty()) {
-    const std::string definitions = render_tool_definitions(format, functions) + tool_choice_instruction(request);
+    const std::string definitions =
+        render_tool_definitions(format, functions) + tool_choice_instruction(request);
     const bool has_system = request.messages.front().role == "system";
     const std::string system = has_system ? request.messages.front().content : tmpl.format().default_system;
     const std::string role = tool_definitions_role(format);
@@ -91,7 +94,8 @@ std::string render_chat_prompt(const ChatTemplate& tmpl, const ChatRequest& requ
       if (!role.empty()) {
         splicer.append_turn(messages, role, m.content);
       } else if (i > 0 && request.messages[i - 1].role == "tool") {
-        messages.back().content += "\n" + render_tool_result(format, m.content);  // one turn for consecutive results
+        messages.back().content +=
+            "\n" + render_tool_result(format, m.content);  // one turn for consecutive results
       } else {
         messages.push_back({"user", render_tool_result(format, m.content)});
       }

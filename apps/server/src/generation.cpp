@@ -42,7 +42,8 @@ std::string token_text(const Tokenizer& tokenizer, int id) {
   std::string piece = tokenizer.id_to_piece(id);
   if (tokenizer.is_special(id)) return piece;
   unsigned byte = 0;
-  if (piece.size() == 6 && std::sscanf(piece.c_str(), "<0x%02X>", &byte) == 1) return std::string(1, char(byte));
+  if (piece.size() == 6 && std::sscanf(piece.c_str(), "<0x%02X>", &byte) == 1)
+    return std::string(1, char(byte));
   static const std::string kSpaceMark = "\xE2\x96\x81";  // '▁'
   for (size_t pos = piece.find(kSpaceMark); pos != std::string::npos; pos = piece.find(kSpaceMark, pos + 1))
     piece.replace(pos, kSpaceMark.size(), " ");
@@ -61,8 +62,9 @@ Generation::Generation(const ServedModel& model, ServerMetrics& metrics,
     prompt_tokens_ += int(prompt.size());
     if (session.session_id == 0 && int(prompt.size()) >= session_len)
       throw ApiError(400,
-                     "the prompt is " + std::to_string(prompt.size()) + " tokens long; this server's session length is " +
-                         std::to_string(session_len) + " tokens (--session-len)",
+                     "the prompt is " + std::to_string(prompt.size()) +
+                         " tokens long; this server's session length is " + std::to_string(session_len) +
+                         " tokens (--session-len)",
                      "invalid_request_error", "context_length_exceeded");
     for (int i = 0; i < options.n; ++i) {
       Request request;
@@ -117,8 +119,10 @@ void Generation::handle(size_t index, const TokenEvent& event, std::vector<Choic
   // The token a reply stops on is not part of the reply.
   if (event.token >= 0 && !is_stop_token(event.token)) {
     const auto now = std::chrono::steady_clock::now();
-    if (!any_token_) metrics_.time_to_first_token.observe(std::chrono::duration<double>(now - start_).count());
-    else metrics_.time_per_output_token.observe(std::chrono::duration<double>(now - last_token_).count());
+    if (!any_token_)
+      metrics_.time_to_first_token.observe(std::chrono::duration<double>(now - start_).count());
+    else
+      metrics_.time_per_output_token.observe(std::chrono::duration<double>(now - last_token_).count());
     any_token_ = true;
     last_token_ = now;
     ++choice.tokens;

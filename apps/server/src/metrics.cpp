@@ -58,9 +58,12 @@ std::string ServerMetrics::render(const EngineStats& engine) const {
   metric("lmd_preemptions_total", "counter", "Sequences preempted for KV blocks.", engine.preemptions);
   {
     std::lock_guard lock(mutex_);
-    out += "# HELP lmd_http_responses_total HTTP responses by status.\n# TYPE lmd_http_responses_total counter\n";
+    out +=
+        "# HELP lmd_http_responses_total HTTP responses by status.\n# TYPE lmd_http_responses_total "
+        "counter\n";
     for (const auto& [status, count] : responses_by_status_)
-      out += "lmd_http_responses_total{code=\"" + std::to_string(status) + "\"} " + std::to_string(count) + "\n";
+      out +=
+          "lmd_http_responses_total{code=\"" + std::to_string(status) + "\"} " + std::to_string(count) + "\n";
   }
   time_to_first_token.write(out, "lmd_time_to_first_token_seconds", "Time from request to first token.");
   time_per_output_token.write(out, "lmd_time_per_output_token_seconds", "Time between generated tokens.");

@@ -76,8 +76,8 @@ json parse_body(const std::string& body) {
   try {
     value = json::parse(body);
   } catch (const json::exception& e) {
-    throw ApiError(400, std::string("the request body is not valid JSON: ") + e.what(), "invalid_request_error",
-                   "invalid_json");
+    throw ApiError(400, std::string("the request body is not valid JSON: ") + e.what(),
+                   "invalid_request_error", "invalid_json");
   }
   if (!value.is_object())
     throw ApiError(400, "the request body must be a JSON object", "invalid_request_error", "invalid_json");
@@ -109,7 +109,8 @@ std::optional<int64_t> Fields::integer(const char* name, int64_t lo, int64_t hi)
   } else if (!v.is_number()) {
     wrong_type(name, "an integer", v);
   }
-  const bool too_big = v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max());
+  const bool too_big =
+      v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max());
   const int64_t x = too_big ? std::numeric_limits<int64_t>::max() : v.get<int64_t>();
   if (too_big || x < lo || x > hi)
     invalid_param(name, "'" + std::string(name) + "' must be between " + std::to_string(lo) + " and " +
@@ -135,7 +136,8 @@ std::vector<std::string> Fields::strings(const char* name, size_t max_items) con
   if (v.is_string()) return {v.get<std::string>()};
   if (!v.is_array()) wrong_type(name, "a string or an array of strings", v);
   if (v.size() > max_items)
-    invalid_param(name, "'" + std::string(name) + "' may hold at most " + std::to_string(max_items) + " items");
+    invalid_param(name,
+                  "'" + std::string(name) + "' may hold at most " + std::to_string(max_items) + " items");
   std::vector<std::string> out;
   for (const json& item : v) {
     if (!item.is_string()) wrong_type(name, "a string or an array of strings", v);
@@ -156,7 +158,8 @@ GenerationOptions read_generation_options(const Fields& f, const char* max_token
   o.sampling.repetition_penalty = float(f.number("repetition_penalty", 0.01, 10).value_or(1));
   o.sampling.frequency_penalty = float(f.number("frequency_penalty", -2, 2).value_or(0));
   o.sampling.presence_penalty = float(f.number("presence_penalty", -2, 2).value_or(0));
-  if (auto seed = f.integer("seed", std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max())) {
+  if (auto seed =
+          f.integer("seed", std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max())) {
     o.seeded = true;
     o.sampling.seed = uint64_t(*seed);
   }
@@ -181,8 +184,10 @@ ChatRequest parse_chat_request(const json& body) {
   ChatRequest r;
   r.model = read_model(f);
   r.options = read_generation_options(f, "max_tokens");
-  if (f.boolean("logprobs").value_or(false)) r.options.logprobs = int(f.integer("top_logprobs", 0, 20).value_or(0));
-  else if (f.has("top_logprobs")) invalid_param("top_logprobs", "'top_logprobs' needs 'logprobs': true");
+  if (f.boolean("logprobs").value_or(false))
+    r.options.logprobs = int(f.integer("top_logprobs", 0, 20).value_or(0));
+  else if (f.has("top_logprobs"))
+    invalid_param("top_logprobs", "'top_logprobs' needs 'logprobs': true");
   r.options.sampling.top_logprobs = std::max(r.options.logprobs, 0);
 
   if (!f.has("messages")) invalid_param("messages", "'messages' is required", "missing_required_parameter");
@@ -199,7 +204,8 @@ ChatRequest parse_chat_request(const json& body) {
     if (msg.role != "system" && msg.role != "user" && msg.role != "assistant" && msg.role != "tool")
       invalid_param(param + ".role", "'role' must be one of system, user, assistant, tool");
     msg.content = content_text(m.value("content", json()), param + ".content");
-    if (msg.role == "assistant" && mf.has("tool_calls")) msg.tool_calls = read_tool_calls(m["tool_calls"], param);
+    if (msg.role == "assistant" && mf.has("tool_calls"))
+      msg.tool_calls = read_tool_calls(m["tool_calls"], param);
     if (msg.role == "tool") msg.tool_call_id = mf.string("tool_call_id").value_or("");
     r.messages.push_back(std::move(msg));
   }
@@ -227,9 +233,11 @@ ChatRequest parse_chat_request(const json& body) {
       r.named_tool_choice = true;
       const bool offered = std::any_of(r.functions.begin(), r.functions.end(),
                                        [&](const json& fn) { return fn["name"] == r.tool_choice; });
-      if (!offered) invalid_param("tool_choice", "tool_choice names '" + r.tool_choice + "', which is not in 'tools'");
+      if (!offered)
+        invalid_param("tool_choice", "tool_choice names '" + r.tool_choice + "', which is not in 'tools'");
     } else {
-      wrong_type("tool_choice", "a string or {\"type\": \"function\", \"function\": {\"name\": ...}}", choice);
+      wrong_type("tool_choice", "a string or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                 choice);
     }
     if (r.tool_choice != "none" && r.tool_choice != "auto" && r.functions.empty())
       invalid_param("tool_choice", "'tool_choice' needs 'tools'");

@@ -48,7 +48,8 @@ std::optional<std::string> arguments_text(const json& args) {
 }
 
 // {"name": ..., "<args_key>": {...}}
-std::optional<ToolCall> parse_named_call(std::string_view body, std::initializer_list<const char*> args_keys) {
+std::optional<ToolCall> parse_named_call(std::string_view body,
+                                         std::initializer_list<const char*> args_keys) {
   json call = json::parse(trim(body), nullptr, false);
   if (!call.is_object() || !call.contains("name") || !call["name"].is_string()) return std::nullopt;
   for (const char* key : args_keys) {
@@ -140,14 +141,33 @@ ParsedReply parse_tool_calls(ToolFormat format, std::string_view text) {
     const size_t body = begin + start.size();
     // The end marker may be missing: it is often a stop word, and generation ends on it.
     const size_t finish = text.find(end, body);
-    auto call = parse_call_body(format, text.substr(body, finish == std::string_view::npos ? text.npos
-                                                                                           : finish - body));
+    auto call = parse_call_body(
+        format, text.substr(body, finish == std::string_view::npos ? text.npos : finish - body));
     if (!call) return plain;
     parsed.calls.push_back(std::move(*call));
     if (finish == std::string_view::npos) break;
     pos = finish + end.size();
   }
   parsed.content = std::string(trim(content));
+  return parsed;
+}
+
+ToolCallStream::ToolCallStream(ToolFormat format)
+    : format_(format),
+      gate_(format == ToolFormat::None ? std::vector<std::string>{}
+                                       : std::vector<std::string>{tool_call_start(format)}) {}
+
+std::string ToolCallStream::push(const std::string& text) {
+  text_ += text;
+  std::string shown = gate_.push(text);
+  shown_ += shown.size();
+  return shown;
+}
+
+ParsedReply ToolCallStream::finish() {
+  if (!gate_.stopped()) return {gate_.flush(), {}};
+  ParsedReply parsed = parse_tool_calls(format_, std::string_view(text_).substr(shown_));
+  if (parsed.calls.empty()) parsed.content = text_.substr(shown_);  // not a call after all: plain text
   return parsed;
 }
 
@@ -184,7 +204,8 @@ std::string render_tool_definitions(ToolFormat format, const json& functions) {
           "If you choose to call a function ONLY reply in the following format with no prefix or suffix:\n\n"
           "<function=example_function_name>{\"example_name\": \"example_value\"}</function>\n\n"
           "Reminder:\n"
-          "- Function calls MUST follow the specified format, start with <function= and end with </function>\n"
+          "- Function calls MUST follow the specified format, start with <function= and end with "
+          "</function>\n"
           "- Required parameters MUST be specified\n"
           "- Only call one function at a time\n"
           "- Put the entire function call reply on one line\n";
@@ -197,7 +218,8 @@ std::string render_tool_definitions(ToolFormat format, const json& functions) {
           "You are provided with function signatures within <tools></tools> XML tags:\n<tools>";
       for (const json& f : functions) text += "\n" + json{{"type", "function"}, {"function", f}}.dump();
       text +=
-          "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+          "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+          "within "
           "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
           "<args-json-object>}\n</tool_call>";
       return text;

@@ -14,7 +14,7 @@ namespace lmd::server {
 
 struct ServerOptions {
   std::string host = "127.0.0.1";
-  int port = 23333;  // 0: any free port (see ApiServer::port)
+  int port = 23333;                        // 0: any free port (see ApiServer::port)
   std::vector<std::string> api_keys;       // empty: no authentication
   std::vector<std::string> allow_origins;  // CORS; "*" allows any
   std::string model_name;                  // what /v1/models reports and requests must name

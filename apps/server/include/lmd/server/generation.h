@@ -60,7 +60,8 @@ class Generation {
 
  private:
   struct Choice {
-    Choice(const Tokenizer& tokenizer, const std::vector<std::string>& stops) : decoder(tokenizer), stops(stops) {}
+    Choice(const Tokenizer& tokenizer, const std::vector<std::string>& stops)
+        : decoder(tokenizer), stops(stops) {}
     std::shared_ptr<RequestStream> stream;
     std::optional<TokenEvent> early;  // an event read while checking for an immediate refusal
     StreamDecoder decoder;

@@ -37,14 +37,14 @@ class Fields {
 // Fields every generating endpoint shares.
 struct GenerationOptions {
   SamplingParams sampling;
-  bool seeded = false;                 // `seed` was given: choice i uses seed + i
-  std::optional<int> max_tokens;       // nullopt: up to the session length
-  std::vector<std::string> stop;       // matched on the decoded text
+  bool seeded = false;            // `seed` was given: choice i uses seed + i
+  std::optional<int> max_tokens;  // nullopt: up to the session length
+  std::vector<std::string> stop;  // matched on the decoded text
   int n = 1;
   bool stream = false;
-  bool include_usage = false;          // stream_options.include_usage
+  bool include_usage = false;  // stream_options.include_usage
   bool ignore_eos = false;
-  int logprobs = -1;                   // -1: none; else alternatives per token (0 = the token's own only)
+  int logprobs = -1;  // -1: none; else alternatives per token (0 = the token's own only)
 };
 
 // `max_tokens_field` is "max_tokens" (OpenAI) or "request_output_len" (LMDeploy's interactive API).
@@ -62,7 +62,7 @@ struct ChatRequest {
   std::vector<ApiMessage> messages;
   GenerationOptions options;
   nlohmann::json functions = nlohmann::json::array();  // the tools' "function" objects offered to the model
-  std::string tool_choice = "auto";                     // auto | none | required | a function's name
+  std::string tool_choice = "auto";                    // auto | none | required | a function's name
   bool named_tool_choice = false;
 };
 ChatRequest parse_chat_request(const nlohmann::json& body);

@@ -11,6 +11,8 @@
 #include <string_view>
 #include <vector>
 
+#include "lmd/core/stop_strings.h"
+
 namespace lmd::server {
 
 enum class ToolFormat { None, InternLM2, Llama31, Qwen25 };
@@ -34,6 +36,25 @@ struct ParsedReply {
 };
 
 ParsedReply parse_tool_calls(ToolFormat format, std::string_view text);
+
+// One streamed reply split into content and tool calls: content is passed on until the text that opens
+// a call (held back while it is only partly there), everything from there is held until the reply
+// ends and then parsed. With ToolFormat::None all text is content.
+class ToolCallStream {
+ public:
+  explicit ToolCallStream(ToolFormat format);
+  // Appends reply text; returns the content that can be shown now.
+  std::string push(const std::string& text);
+  // At the end of the reply: the content not shown yet, and the calls. A call that does not parse
+  // leaves its text as content.
+  ParsedReply finish();
+
+ private:
+  ToolFormat format_;
+  StopStringMatcher gate_;
+  std::string text_;
+  size_t shown_ = 0;
+};
 
 // How a tool call is written in the format (for assistant turns that called tools earlier).
 std::string render_tool_call(ToolFormat format, const ToolCall& call);
