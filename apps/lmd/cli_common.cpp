@@ -150,8 +150,8 @@ void add_engine_options(CLI::App& app, EngineOptions& o) {
   app.add_option("--session-len", o.session_len, "max tokens of one session; 0: the model's context length")
       ->check(number_in(0, false));
   app.add_option("--cache-max-entry-count", o.cache_max_entry_count,
-                 "fraction of free accelerator memory given to the KV cache")
-      ->check(number_in(0, true, 1));
+                 "KV cache size: below 1, the fraction of memory free after the weights; 1 or more, a block count")
+      ->check(number_in(0, true));
   app.add_option("--cache-block-seq-len", o.cache_block_seq_len, "tokens per KV cache block")
       ->check(number_in(0, true));
   app.add_option(with_aliases("--max-batch-size", {"--instance-num"}), o.max_batch_size,

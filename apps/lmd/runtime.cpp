@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <random>
 
+#include <unistd.h>
+
 #include "lmd/core/error.h"
 #include "lmd/engine/cpu_backend.h"
 #if defined(LMD_HAVE_CUDA)
@@ -19,6 +21,12 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 std::string gib(double bytes) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.2f GiB", bytes / kGiB);
+  return buf;
+}
+
+std::string millions(int64_t n) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, n >= 1e9 ? "%.2fB" : "%.2fM", n >= 1e9 ? n / 1e9 : n / 1e6);
   return buf;
 }
 
@@ -70,13 +78,19 @@ std::unique_ptr<Runtime> load_runtime(const std::string& model_path, const cli::
   const CheckpointWeights weights = load_checkpoint(rt->model_dir, spec);
   rt->tokenizer = Tokenizer::load(rt->model_dir);
   rt->chat_template = select_chat_template(rt->model_dir, options.chat_template);
+  // A terminal sees one line that counts up; a log file gets a line per quarter of the layers.
+  const bool tty = isatty(STDERR_FILENO);
   rt->model = std::make_unique<Model>(spec, weights, *rt->backend, [&](int done, int total) {
-    log << "\rlmd: layer " << done << "/" << total << std::flush;
+    if (tty) {
+      log << "\rlmd: uploading layer " << done << "/" << total << std::flush;
+    } else if (done * 4 / total != (done - 1) * 4 / total) {
+      log << "lmd: uploaded layer " << done << "/" << total << "\n";
+    }
   });
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  log << "\rlmd: " << arch_name(spec.arch) << ", " << spec.layers << " layers, hidden " << spec.hidden << ", "
+  log << (tty ? "\r" : "") << "lmd: " << arch_name(spec.arch) << ", " << spec.layers << " layers, hidden " << spec.hidden << ", "
       << spec.heads << " heads / " << spec.kv_heads << " KV heads, vocab " << spec.vocab << ", "
-      << spec.param_count() / 1e6 << "M params, " << (spec.awq.enabled ? "awq int4 + " : "")
+      << millions(spec.param_count()) << " params, " << (spec.awq.enabled ? "awq int4 + " : "")
       << dtype_name(spec.dtype) << " weights, " << gib(rt->model->weight_bytes()) << ", loaded in " << secs
       << " s\n";
   log << "lmd: chat template " << rt->chat_template->name() << "\n";
