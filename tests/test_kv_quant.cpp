@@ -137,7 +137,8 @@ TEST_CASE("kv quant: perplexity cost of int8/int4 KV on wt2-llama-22m", "[kv][pp
   CpuBackend be;
   auto model = Model::load(dir, be);
   const Tokenizer tok = Tokenizer::load(dir);
-  const auto text = load_dataset_text(dataset_file("wikitext2", "valid", (test::assets_dir() / "datasets").string()));
+  const auto text =
+      load_dataset_text(dataset_file("wikitext2", "valid", (test::assets_dir() / "datasets").string()));
   // The first windows of the text are enough to see the cost, at ~2 s per window on the CPU backend.
   const std::vector<int> tokens = tok.encode(text.substr(0, 40000), true, false);
   constexpr int kWindows = 4, kSeqlen = 512;
@@ -145,8 +146,8 @@ TEST_CASE("kv quant: perplexity cost of int8/int4 KV on wt2-llama-22m", "[kv][pp
   const double p8 = perplexity(*model, tokens, kSeqlen, kWindows, 8).perplexity;
   const double p4 = perplexity(*model, tokens, kSeqlen, kWindows, 4).perplexity;
   WARN("wt2-llama-22m wikitext2 valid, " << kWindows << " x " << kSeqlen << " tokens: ppl float KV " << ref
-                                         << ", int8 KV " << p8 << " (" << 100 * (p8 / ref - 1) << "%), int4 KV "
-                                         << p4 << " (" << 100 * (p4 / ref - 1) << "%)");
+                                         << ", int8 KV " << p8 << " (" << 100 * (p8 / ref - 1)
+                                         << "%), int4 KV " << p4 << " (" << 100 * (p4 / ref - 1) << "%)");
   CHECK(std::fabs(p8 / ref - 1) < 0.005);
   CHECK(std::fabs(p4 / ref - 1) < 0.03);
 }
@@ -180,7 +181,8 @@ TEST_CASE("kv quant: calibrate statistics match values computed from the weights
       std::vector<float> k(kv), v(kv);
       for (int o = 0; o < kv; ++o) {
         double sk = 0, sv = 0;
-        for (int i = 0; i < H; ++i) sk += double(x[i]) * wk[int64_t(o) * H + i], sv += double(x[i]) * wv[int64_t(o) * H + i];
+        for (int i = 0; i < H; ++i)
+          sk += double(x[i]) * wk[int64_t(o) * H + i], sv += double(x[i]) * wv[int64_t(o) * H + i];
         k[o] = float(sk), v[o] = float(sv);
       }
       for (int g = 0; g < spec.kv_heads; ++g) {

@@ -97,7 +97,8 @@ fs::path make_awq_checkpoint(const fs::path& src, const fs::path& dst) {
   for (const std::string& name : store->names()) {
     const HostTensor t = store->get(name);
     const std::string suffix = "_proj.weight";
-    if (name.size() < suffix.size() || name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) {
+    if (name.size() < suffix.size() ||
+        name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) {
       out.emplace_back(name, t);
       continue;
     }
@@ -114,7 +115,8 @@ fs::path make_awq_checkpoint(const fs::path& src, const fs::path& dst) {
         scales[g * rows + o] = scale;
         zeros[g * rows + o] = uint8_t(zero);
         for (int i = 0; i < kGroup; ++i)
-          q[(g * kGroup + i) * rows + o] = uint8_t(std::clamp(int(std::nearbyint(x[i] / scale)) + zero, 0, 15));
+          q[(g * kGroup + i) * rows + o] =
+              uint8_t(std::clamp(int(std::nearbyint(x[i] / scale)) + zero, 0, 15));
       }
     const std::string prefix = name.substr(0, name.size() - std::string(".weight").size());
     out.emplace_back(prefix + ".qweight", awq_pack(q, cols, rows));
@@ -123,8 +125,11 @@ fs::path make_awq_checkpoint(const fs::path& src, const fs::path& dst) {
   }
   write_safetensors(dst / "model.safetensors", out);
   nlohmann::json config = nlohmann::json::parse(read_file(src / "config.json"));
-  config["quantization_config"] = {{"quant_method", "awq"}, {"version", "gemm"}, {"bits", 4},
-                                   {"group_size", kGroup},  {"zero_point", true}};
+  config["quantization_config"] = {{"quant_method", "awq"},
+                                   {"version", "gemm"},
+                                   {"bits", 4},
+                                   {"group_size", kGroup},
+                                   {"zero_point", true}};
   write_file(dst / "config.json", config.dump(2));
   fs::copy_file(src / "tokenizer.model", dst / "tokenizer.model");
   return dst;
@@ -197,10 +202,12 @@ TEST_CASE("workspace: convert then chat gives the HF folder's greedy tokens", "[
     // Tied embeddings are stored once.
     CHECK(fs::exists(weights / "output.weight") == !load_model_spec(hf).tie_embeddings);
     // Each tensor keeps its checkpoint dtype (the .bin model: bf16 linears, fp32 norms).
-    const HostTensor q = SafetensorsFile(weights / "layers.0.attention.wq.0.weight").get("layers.0.attention.wq.0.weight");
-    CHECK(q.dtype() == open_tensor_store(hf)->get(std::string(c.model) == "stories260K-internlm2"
-                                                      ? "model.layers.0.attention.wqkv.weight"
-                                                      : "model.layers.0.self_attn.q_proj.weight")
+    const HostTensor q =
+        SafetensorsFile(weights / "layers.0.attention.wq.0.weight").get("layers.0.attention.wq.0.weight");
+    CHECK(q.dtype() == open_tensor_store(hf)
+                           ->get(std::string(c.model) == "stories260K-internlm2"
+                                     ? "model.layers.0.attention.wqkv.weight"
+                                     : "model.layers.0.self_attn.q_proj.weight")
                            .dtype());
     const auto expected = greedy_of(hf, "Once upon a time", 24);
     CHECK(greedy_of(ws, "Once upon a time", 24) == expected);
@@ -219,9 +226,11 @@ TEST_CASE("workspace: convert an AWQ checkpoint, same greedy tokens", "[workspac
   CHECK_ERROR(Error, convert({"llama2", awq.string(), "--dst-path", ws.string(), "--model-format", "hf"}),
               "--model-format hf", "AWQ");
   CHECK_ERROR(Error,
-              convert({"llama2", awq.string(), "--dst-path", ws.string(), "--model-format", "awq", "--group-size", "64"}),
+              convert({"llama2", awq.string(), "--dst-path", ws.string(), "--model-format", "awq",
+                       "--group-size", "64"}),
               "--group-size 64", "128");
-  convert({"llama2", awq.string(), "--dst-path", ws.string(), "--model-format", "awq", "--group-size", "128"});
+  convert(
+      {"llama2", awq.string(), "--dst-path", ws.string(), "--model-format", "awq", "--group-size", "128"});
   const WorkspaceConfig config = read_workspace_config(ws / "triton_models" / "weights");
   CHECK(config.spec.awq.enabled);
   CHECK(config.spec.awq.group_size == 128);
@@ -275,8 +284,9 @@ TEST_CASE("workspace: quantized KV pool holds more tokens in the same memory", "
   }
   // head_dim 64, float32 cache on the CPU: int8 rows take 64 + 4 bytes for 256, int4 32 + 4.
   const double r8 = double(blocks[1]) / blocks[0], r4 = double(blocks[2]) / blocks[0];
-  WARN("blocks at the same --cache-max-entry-count: float " << blocks[0] << ", int8 " << blocks[1] << " (" << r8
-                                                           << "x), int4 " << blocks[2] << " (" << r4 << "x)");
+  WARN("blocks at the same --cache-max-entry-count: float " << blocks[0] << ", int8 " << blocks[1] << " ("
+                                                            << r8 << "x), int4 " << blocks[2] << " (" << r4
+                                                            << "x)");
   if (blocks[0] >= 20) {  // enough blocks for the ratio to show through free-memory noise
     CHECK(r8 > 3.0);
     CHECK(r4 > 5.5);
@@ -299,7 +309,8 @@ TEST_CASE("workspace: broken workspaces give errors naming the file", "[workspac
   fs::resize_file(weights / w2, fs::file_size(weights / w2) - 100);
   CHECK_ERROR(Error, load_runtime(ws.string(), o, log), w2);
 
-  fs::copy_file(weights / "layers.1.feed_forward.w1.0.weight", weights / w2, fs::copy_options::overwrite_existing);
+  fs::copy_file(weights / "layers.1.feed_forward.w1.0.weight", weights / w2,
+                fs::copy_options::overwrite_existing);
   CHECK_ERROR(Error, load_runtime(ws.string(), o, log), w2, "expected shape");
 
   const std::string ini = read_file(weights / "config.ini");
@@ -312,8 +323,8 @@ TEST_CASE("workspace: broken workspaces give errors naming the file", "[workspac
   std::string stat = ini;
   stat.replace(stat.find("static_kv_int8 = 0"), 18, "static_kv_int8 = 1");
   write_file(weights / "config.ini", stat);
-  CHECK_ERROR(Error, load_runtime(ws.string(), o, log), "static_kv_int8 = 1", "layers.0.past_kv_scale.0.weight",
-              "kv_qparams");
+  CHECK_ERROR(Error, load_runtime(ws.string(), o, log), "static_kv_int8 = 1",
+              "layers.0.past_kv_scale.0.weight", "kv_qparams");
 
   const fs::path other = scratch("not_a_workspace");
   fs::create_directories(other);
@@ -330,7 +341,8 @@ TEST_CASE("workspace: lmd binary end to end: convert, chat, calibrate, kv_qparam
   const std::string input = "Once upon a time\nexit\n";
   const std::string chat = " --device cpu --threads 2 --temperature 0 --max-new-tokens 24";
   std::string err;
-  for (const auto& [model, name] : {std::pair{"stories260K", "base"}, {"stories260K-internlm2", "internlm2"}}) {
+  for (const auto& [model, name] :
+       {std::pair{"stories260K", "base"}, {"stories260K-internlm2", "internlm2"}}) {
     const fs::path hf = test::model_dir(model), ws = scratch(std::string("e2e_") + model);
     run_lmd("convert " + std::string(name) + " " + hf.string() + " --dst-path " + ws.string(), err);
     const std::string expected = run_lmd("chat " + hf.string() + chat, err, input);
@@ -349,7 +361,9 @@ TEST_CASE("workspace: lmd binary end to end: convert, chat, calibrate, kv_qparam
 
   // The older offline flow: calibrate, kv_qparams (both CLI spellings), chat on the workspace.
   const fs::path ws = scratch("e2e_kv"), work = scratch("e2e_work");
-  run_lmd("convert internlm2 " + test::model_dir("stories260K-internlm2").string() + " --dst-path " + ws.string(), err);
+  run_lmd(
+      "convert internlm2 " + test::model_dir("stories260K-internlm2").string() + " --dst-path " + ws.string(),
+      err);
   run_lmd("lite calibrate " + test::model_dir("stories260K-internlm2").string() +
               " --calib-dataset ptb --calib-samples 2 --calib-seqlen 128 --work_dir " + work.string() +
               " --dataset-dir " + (test::assets_dir() / "datasets").string() + " --device cpu --threads 2",
@@ -361,7 +375,8 @@ TEST_CASE("workspace: lmd binary end to end: convert, chat, calibrate, kv_qparam
           err);
   run_lmd("lite kv_qparams " + work.string() + " " + ws.string() + " --kv-bits 8 --kv-sym false", err);
   CHECK(err.find("static KV int8") != std::string::npos);
-  CHECK(read_file(ws / "triton_models" / "weights" / "config.ini").find("static_kv_int8 = 1") != std::string::npos);
+  CHECK(read_file(ws / "triton_models" / "weights" / "config.ini").find("static_kv_int8 = 1") !=
+        std::string::npos);
   const std::string reply = run_lmd("chat " + ws.string() + chat, err, input);
   CHECK(err.find("static int8 KV") != std::string::npos);
   CHECK(reply.size() > 10);

@@ -1,10 +1,11 @@
 #include "convert.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cctype>
 #include <iostream>
 #include <memory>
-#include <unistd.h>
 
 #include "cli_common.h"
 #include "lmd/core/chat_template.h"
@@ -26,8 +27,8 @@ struct ConvertOptions {
 };
 
 // Files of a Hugging Face folder the tokenizer needs; tokenizer.model is required.
-constexpr const char* kTokenizerFiles[] = {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                                           "generation_config.json"};
+constexpr const char* kTokenizerFiles[] = {"tokenizer.model", "tokenizer_config.json",
+                                           "special_tokens_map.json", "generation_config.json"};
 
 void write_workspace(const ConvertOptions& opt, const fs::path& model_dir, const fs::path& tmp) {
   ModelSpec spec = load_model_spec(model_dir);
@@ -38,12 +39,13 @@ void write_workspace(const ConvertOptions& opt, const fs::path& model_dir, const
     fail("--model-format hf: ", (model_dir / "config.json").string(),
          " describes an AWQ checkpoint; pass --model-format awq");
   if (opt.group_size != 0 && spec.awq.enabled && opt.group_size != spec.awq.group_size)
-    fail("--group-size ", opt.group_size, " differs from the checkpoint's group_size ", spec.awq.group_size, " in ",
-         (model_dir / "config.json").string());
+    fail("--group-size ", opt.group_size, " differs from the checkpoint's group_size ", spec.awq.group_size,
+         " in ", (model_dir / "config.json").string());
   if (!fs::is_regular_file(model_dir / "tokenizer.model"))
     fail(model_dir.string(), " has no tokenizer.model (lmd reads sentencepiece tokenizers)");
 
-  const fs::path weights_dir = tmp / "triton_models" / "weights", tokenizer_dir = tmp / "triton_models" / "tokenizer";
+  const fs::path weights_dir = tmp / "triton_models" / "weights",
+                 tokenizer_dir = tmp / "triton_models" / "tokenizer";
   fs::create_directories(weights_dir);
   fs::create_directories(tokenizer_dir);
   const CheckpointWeights weights = load_checkpoint(model_dir, spec);
@@ -64,14 +66,17 @@ void write_workspace(const ConvertOptions& opt, const fs::path& model_dir, const
 
 void run_convert(const ConvertOptions& opt) {
   if (opt.tp != 1)
-    fail("--tp ", opt.tp, ": lmd runs a model on one device so far, so workspaces are written unsplit; use --tp 1");
+    fail("--tp ", opt.tp,
+         ": lmd runs a model on one device so far, so workspaces are written unsplit; use --tp 1");
   chat_template_for_model_name(opt.model_name);  // reject a bad NAME before the slow part
   const fs::path model_dir = opt.model_path, dst = fs::absolute(opt.dst_path).lexically_normal();
   if (!fs::is_directory(model_dir)) fail("model path '", opt.model_path, "' is not a directory");
   if (fs::exists(dst) && !fs::is_empty(dst) && !find_workspace_weights(dst))
-    fail("--dst-path ", dst.string(), " exists and is not an lmd workspace; remove it or choose another path");
+    fail("--dst-path ", dst.string(),
+         " exists and is not an lmd workspace; remove it or choose another path");
   // Written beside the destination and renamed when complete, so WS is never half-written.
-  const fs::path tmp = dst.parent_path() / ("." + dst.filename().string() + ".tmp-" + std::to_string(getpid()));
+  const fs::path tmp =
+      dst.parent_path() / ("." + dst.filename().string() + ".tmp-" + std::to_string(getpid()));
   fs::remove_all(tmp);
   try {
     write_workspace(opt, model_dir, tmp);
@@ -82,7 +87,8 @@ void run_convert(const ConvertOptions& opt) {
   fs::remove_all(dst);
   fs::rename(tmp, dst);
   std::cerr << "lmd: wrote workspace " << dst.string() << " (chat template "
-            << chat_template_for_model_name(opt.model_name) << "); run it with `lmd chat " << dst.string() << "`\n";
+            << chat_template_for_model_name(opt.model_name) << "); run it with `lmd chat " << dst.string()
+            << "`\n";
 }
 
 }  // namespace
@@ -108,7 +114,8 @@ std::string chat_template_for_model_name(const std::string& name) {
 void add_convert_command(CLI::App& app) {
   auto opt = std::make_shared<ConvertOptions>();
   CLI::App* cmd = app.add_subcommand(
-      "convert", "Write a TurboMind-style workspace (triton_models/weights + config.ini, triton_models/tokenizer)");
+      "convert",
+      "Write a TurboMind-style workspace (triton_models/weights + config.ini, triton_models/tokenizer)");
   cmd->add_option("model_name", opt->model_name,
                   "chat template / model name, e.g. internlm2 or internlm-chat-7b (stored in config.ini)")
       ->required();

@@ -27,14 +27,15 @@ struct CalibrateOptions {
 };
 
 void run_calibrate(const CalibrateOptions& opt) {
+  const auto file = dataset_file(opt.calib_dataset, "train", opt.dataset_dir);  // fail before the slow part
   std::unique_ptr<Backend> backend = make_backend(opt.device, opt.threads);
   std::cerr << "lmd: calibrate: loading " << opt.model_path << " on " << backend->name() << "\n";
   std::unique_ptr<Model> model = Model::load(opt.model_path, *backend, [](int done, int total) {
     std::cerr << "\rlmd: layer " << done << "/" << total << std::flush;
   });
   const Tokenizer tok = Tokenizer::load(opt.model_path);
-  const auto file = dataset_file(opt.calib_dataset, "train", opt.dataset_dir);
-  const std::vector<int> tokens = tok.encode(load_dataset_text(file), /*add_bos=*/false, /*parse_special=*/false);
+  const std::vector<int> tokens =
+      tok.encode(load_dataset_text(file), /*add_bos=*/false, /*parse_special=*/false);
   const auto windows = sample_calibration_windows(tokens, opt.calib_samples, opt.calib_seqlen);
   std::cerr << "\rlmd: calibrate: " << windows.size() << " windows of " << opt.calib_seqlen << " tokens from "
             << file.string() << " (" << tokens.size() << " tokens)\n";
@@ -45,9 +46,11 @@ void run_calibrate(const CalibrateOptions& opt) {
               << int(double(done) * opt.calib_seqlen / std::max(secs, 1e-9)) << " tokens/s" << std::flush;
   });
   std::cerr << "\n";
-  save_calibration(stats, {opt.model_path, opt.calib_dataset, opt.calib_samples, opt.calib_seqlen}, opt.work_dir);
-  std::cerr << "lmd: calibrate: statistics of " << stats.activations.size() << " activations and " << stats.layers
-            << " layers' K/V written to " << opt.work_dir << "/calib_stats.{safetensors,json}\n";
+  save_calibration(stats, {opt.model_path, opt.calib_dataset, opt.calib_samples, opt.calib_seqlen},
+                   opt.work_dir);
+  std::cerr << "lmd: calibrate: statistics of " << stats.activations.size() << " activations and "
+            << stats.layers << " layers' K/V written to " << opt.work_dir
+            << "/calib_stats.{safetensors,json}\n";
 }
 
 struct KvQparamsOptions {
@@ -63,7 +66,8 @@ struct KvQparamsOptions {
 void add_lite_kv_commands(CLI::App& lite) {
   auto cal = std::make_shared<CalibrateOptions>();
   CLI::App* cmd = lite.add_subcommand(
-      "calibrate", "Collect per-channel activation statistics and per-head K/V statistics on calibration data");
+      "calibrate",
+      "Collect per-channel activation statistics and per-head K/V statistics on calibration data");
   cli::add_model_path(*cmd, cal->model_path);
   cmd->add_option("--calib-dataset", cal->calib_dataset, "ptb, wikitext2, c4, pileval or a text file");
   cmd->add_option("--calib-samples", cal->calib_samples, "calibration windows")->check(CLI::PositiveNumber);
@@ -71,7 +75,8 @@ void add_lite_kv_commands(CLI::App& lite) {
   cmd->add_option("--work-dir", cal->work_dir, "where the statistics are written");
   cmd->add_option("--dataset-dir", cal->dataset_dir,
                   "folder holding the datasets; default: $LMD_DATASETS, else ../shared/datasets");
-  cmd->add_option("--device", cal->device, "where the model runs")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  cmd->add_option("--device", cal->device, "where the model runs")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd->add_option("--threads", cal->threads, "CPU backend threads; 0: all cores");
   cmd->callback([cal] { run_calibrate(*cal); });
 
@@ -84,8 +89,11 @@ void add_lite_kv_commands(CLI::App& lite) {
       ->required();
   qp->add_option("--kv-bits", kv->kv_bits, "bits of the static KV cache (8)");
   cli::add_bool_flag(*qp, "--kv-sym", kv->kv_sym, "symmetric parameters (zero 0) instead of asymmetric");
-  qp->add_option("--num-tp", kv->num_tp, "tensor-parallel ranks of the workspace")->check(CLI::PositiveNumber);
-  qp->callback([kv] { export_kv_qparams(kv->work_dir, kv->turbomind_dir, kv->kv_bits, kv->kv_sym, kv->num_tp, std::cerr); });
+  qp->add_option("--num-tp", kv->num_tp, "tensor-parallel ranks of the workspace")
+      ->check(CLI::PositiveNumber);
+  qp->callback([kv] {
+    export_kv_qparams(kv->work_dir, kv->turbomind_dir, kv->kv_bits, kv->kv_sym, kv->num_tp, std::cerr);
+  });
 }
 
 }  // namespace lmd

@@ -15,8 +15,9 @@ int main(int argc, char** argv) {
   lmd::add_convert_command(app);
   // `lite` may already be registered by another command file (CLI11 2.1 has no get_subcommand_no_throw).
   const auto lites = app.get_subcommands([](CLI::App* sub) { return sub->get_name() == "lite"; });
-  CLI::App* lite = lites.empty() ? app.add_subcommand("lite", "Offline quantization tools")->require_subcommand(1)
-                                 : lites.front();
+  CLI::App* lite = lites.empty()
+                       ? app.add_subcommand("lite", "Offline quantization tools")->require_subcommand(1)
+                       : lites.front();
   lmd::add_lite_kv_commands(*lite);
   return lmd::cli::run_cli(argc, argv, app);
 }

@@ -23,8 +23,10 @@ cli::EngineOptions with_workspace_defaults(cli::EngineOptions o, const Workspace
   const WorkspaceEngineDefaults& e = ws.engine;
   if (o.session_len == lmd_defaults.session_len) o.session_len = e.session_len;
   if (o.quant_policy == lmd_defaults.quant_policy) o.quant_policy = e.quant_policy;
-  if (o.cache_max_entry_count == lmd_defaults.cache_max_entry_count) o.cache_max_entry_count = e.cache_max_entry_count;
-  if (o.cache_block_seq_len == lmd_defaults.cache_block_seq_len) o.cache_block_seq_len = e.cache_block_seq_len;
+  if (o.cache_max_entry_count == lmd_defaults.cache_max_entry_count)
+    o.cache_max_entry_count = e.cache_max_entry_count;
+  if (o.cache_block_seq_len == lmd_defaults.cache_block_seq_len)
+    o.cache_block_seq_len = e.cache_block_seq_len;
   if (o.max_batch_size == lmd_defaults.max_batch_size) o.max_batch_size = e.max_batch_size;
   if (o.tp == lmd_defaults.tp) o.tp = ws.tensor_para_size;
   return o;
@@ -119,7 +121,8 @@ std::unique_ptr<Runtime> load_runtime(const std::string& model_path, const cli::
   const bool static_kv = ws_config && ws_config->engine.static_kv_int8 && cfg.quant_bits == 0;
   if (static_kv) {
     if (rt->backend->kind() != DeviceKind::CPU)
-      fail(config_file.string(), " sets static_kv_int8 = 1, which runs on the CPU backend only for now: use "
+      fail(config_file.string(),
+           " sets static_kv_int8 = 1, which runs on the CPU backend only for now: use "
            "--device cpu, or --quant-policy 8 for online int8 KV");
     cfg.quant_bits = 8;
     cfg.kv_static_params = read_static_kv_params(*workspace, spec.layers);
@@ -150,7 +153,7 @@ std::unique_ptr<Runtime> load_runtime(const std::string& model_path, const cli::
   const int64_t tokens = int64_t(cfg.num_blocks) * cfg.block_len;
   log << "lmd: KV cache " << gib(block_bytes * cfg.num_blocks) << " = " << cfg.num_blocks << " blocks x "
       << cfg.block_len << " tokens = " << tokens << " tokens"
-      << (static_kv ? " (static int8 KV, per-layer offline scales)"
+      << (static_kv        ? " (static int8 KV, per-layer offline scales)"
           : cfg.quant_bits ? " (int" + std::to_string(cfg.quant_bits) + " KV)"
                            : std::string())
       << "\n";

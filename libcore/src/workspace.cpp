@@ -24,9 +24,9 @@ struct ModuleName {
   const char* hf;
 };
 constexpr ModuleName kLinears[] = {
-    {"attention.wq", "self_attn.q_proj"},  {"attention.wk", "self_attn.k_proj"},
-    {"attention.wv", "self_attn.v_proj"},  {"attention.wo", "self_attn.o_proj"},
-    {"feed_forward.w1", "mlp.gate_proj"},  {"feed_forward.w3", "mlp.up_proj"},
+    {"attention.wq", "self_attn.q_proj"}, {"attention.wk", "self_attn.k_proj"},
+    {"attention.wv", "self_attn.v_proj"}, {"attention.wo", "self_attn.o_proj"},
+    {"feed_forward.w1", "mlp.gate_proj"}, {"feed_forward.w3", "mlp.up_proj"},
     {"feed_forward.w2", "mlp.down_proj"},
 };
 constexpr ModuleName kNorms[] = {{"attention_norm", "input_layernorm"},
@@ -36,9 +36,9 @@ constexpr ModuleName kGlobals[] = {{"tok_embeddings.weight", "model.embed_tokens
                                    {"output.weight", "lm_head.weight"}};
 constexpr const char* kLinearParts[] = {"weight", "qweight", "qzeros", "scales", "bias"};
 
-LinearWeight LayerWeights::*const kLinearMembers[] = {&LayerWeights::q,    &LayerWeights::k,  &LayerWeights::v,
-                                                      &LayerWeights::o,    &LayerWeights::gate,
-                                                      &LayerWeights::up,   &LayerWeights::down};
+LinearWeight LayerWeights::*const kLinearMembers[] = {
+    &LayerWeights::q,    &LayerWeights::k,  &LayerWeights::v,   &LayerWeights::o,
+    &LayerWeights::gate, &LayerWeights::up, &LayerWeights::down};
 HostTensor LayerWeights::*const kNormMembers[] = {&LayerWeights::attn_norm, &LayerWeights::ffn_norm};
 
 // Tensor-parallel rank 0: files carry the rank as TurboMind's do, ready for split workspaces.
@@ -168,13 +168,15 @@ class IniSection {
       if (eq == std::string::npos) fail(source_, ":", lineno, ": expected 'key = value', got '", line, "'");
       if (section == kSection) values_[trim(line.substr(0, eq))] = trim(line.substr(eq + 1));
     }
-    if (!found) fail(source_, ": no [", kSection, "] section (is this a workspace written by `lmd convert`?)");
+    if (!found)
+      fail(source_, ": no [", kSection, "] section (is this a workspace written by `lmd convert`?)");
   }
 
   const std::string& text(const std::string& key) const {
     const auto it = values_.find(key);
     if (it == values_.end())
-      fail(source_, ": missing field '", key, "' in [", kSection, "] (convert the model again with `lmd convert`)");
+      fail(source_, ": missing field '", key, "' in [", kSection,
+           "] (convert the model again with `lmd convert`)");
     return it->second;
   }
   int integer(const std::string& key) const {
@@ -262,7 +264,8 @@ WorkspaceConfig parse_workspace_config(const std::string& ini_text, const std::s
   c.chat_template = ini.text("chat_template");
   s.model_type = ini.text("model_arch");
   const std::optional<Arch> arch = arch_from_model_type(s.model_type);
-  if (!arch) ini.bad("model_arch", s.model_type, "a supported architecture (llama, internlm, internlm2, qwen2)");
+  if (!arch)
+    ini.bad("model_arch", s.model_type, "a supported architecture (llama, internlm, internlm2, qwen2)");
   s.arch = *arch;
   s.heads = ini.integer("head_num");
   s.kv_heads = ini.integer("kv_head_num");
@@ -274,7 +277,8 @@ WorkspaceConfig parse_workspace_config(const std::string& ini_text, const std::s
   s.norm_eps = float(ini.real("norm_eps"));
   s.rope_theta = ini.real("rope_theta");
   if (ini.integer("rotary_embedding") != s.head_dim)
-    ini.bad("rotary_embedding", ini.text("rotary_embedding"), "size_per_head (partial rotary is not supported)");
+    ini.bad("rotary_embedding", ini.text("rotary_embedding"),
+            "size_per_head (partial rotary is not supported)");
   const std::string& scaling = ini.text("rope_scaling_type");
   if (scaling == "none") {
     s.rope_scaling = RopeScaling::None;
@@ -308,9 +312,13 @@ WorkspaceConfig parse_workspace_config(const std::string& ini_text, const std::s
   s.o_bias = ini.boolean("o_bias");
   s.bos_id = ini.integer("bos_id");
   s.eos_id = ini.integer("eos_id");
-  for (const auto& [key, value] : {std::pair{"head_num", s.heads}, {"kv_head_num", s.kv_heads},
-                                   {"size_per_head", s.head_dim}, {"hidden_units", s.hidden},
-                                   {"vocab_size", s.vocab}, {"num_layer", s.layers}, {"inter_size", s.intermediate}})
+  for (const auto& [key, value] : {std::pair{"head_num", s.heads},
+                                   {"kv_head_num", s.kv_heads},
+                                   {"size_per_head", s.head_dim},
+                                   {"hidden_units", s.hidden},
+                                   {"vocab_size", s.vocab},
+                                   {"num_layer", s.layers},
+                                   {"inter_size", s.intermediate}})
     if (value <= 0) ini.bad(key, std::to_string(value), "positive");
   if (s.heads % s.kv_heads != 0) ini.bad("kv_head_num", ini.text("kv_head_num"), "a divisor of head_num");
 
@@ -333,7 +341,9 @@ std::optional<fs::path> find_workspace_weights(const fs::path& path) {
   return std::nullopt;
 }
 
-fs::path workspace_tokenizer_dir(const fs::path& weights_dir) { return weights_dir.parent_path() / "tokenizer"; }
+fs::path workspace_tokenizer_dir(const fs::path& weights_dir) {
+  return weights_dir.parent_path() / "tokenizer";
+}
 
 WorkspaceConfig read_workspace_config(const fs::path& weights_dir) {
   const fs::path path = weights_dir / kConfigName;
@@ -371,7 +381,8 @@ void write_workspace_weights(const fs::path& dir, const CheckpointWeights& w, co
       const LinearWeight& lin = layer.*kLinearMembers[i];
       const HostTensor* parts[] = {&lin.weight, &lin.qweight, &lin.qzeros, &lin.scales, &lin.bias};
       for (size_t p = 0; p < std::size(kLinearParts); ++p)
-        if (!parts[p]->empty()) write_workspace_tensor(dir, linear_file(l, kLinears[i].workspace, kLinearParts[p]), *parts[p]);
+        if (!parts[p]->empty())
+          write_workspace_tensor(dir, linear_file(l, kLinears[i].workspace, kLinearParts[p]), *parts[p]);
     }
     if (progress) progress(l + 1, spec.layers);
   }
@@ -395,8 +406,8 @@ CheckpointWeights load_workspace_weights(const fs::path& dir, const ModelSpec& s
     for (size_t i = 0; i < std::size(kLinears); ++i) {
       const char* module = kLinears[i].workspace;
       const bool awq = spec.awq.enabled && !fs::exists(dir / linear_file(l, module, "weight"));
-      for (const char* part : awq ? std::vector<const char*>{"qweight", "qzeros", "scales"}
-                                  : std::vector<const char*>{"weight"})
+      for (const char* part :
+           awq ? std::vector<const char*>{"qweight", "qzeros", "scales"} : std::vector<const char*>{"weight"})
         require(linear_file(l, module, part));
       const bool is_o = kLinearMembers[i] == &LayerWeights::o;
       const bool is_qkv = i < 3;
@@ -422,11 +433,13 @@ std::vector<float> read_static_kv_params(const fs::path& dir, int layers) {
            "' is missing (run `lmd lite kv_qparams` again)");
     const HostTensor t = read_tensor_file(path);
     if (t.dtype() != DType::F32 || t.shape() != Shape{4})
-      fail("workspace tensor file ", path.string(), ": expected F32 [4] (k_scale, k_zero, v_scale, v_zero), got ",
-           dtype_name(t.dtype()), " ", shape_str(t.shape()));
+      fail("workspace tensor file ", path.string(),
+           ": expected F32 [4] (k_scale, k_zero, v_scale, v_zero), got ", dtype_name(t.dtype()), " ",
+           shape_str(t.shape()));
     const float* v = t.data_as<float>();
     if (!(v[0] > 0) || !(v[2] > 0))
-      fail("workspace tensor file ", path.string(), ": scales must be positive, got k_scale ", v[0], ", v_scale ", v[2]);
+      fail("workspace tensor file ", path.string(), ": scales must be positive, got k_scale ", v[0],
+           ", v_scale ", v[2]);
     params.insert(params.end(), v, v + 4);
   }
   return params;

@@ -18,7 +18,9 @@ namespace {
 constexpr const char* kStatsFile = "calib_stats.safetensors";
 constexpr const char* kIndexFile = "calib_stats.json";
 
-std::string layer_key(int layer, const std::string& rest) { return "layers." + std::to_string(layer) + "." + rest; }
+std::string layer_key(int layer, const std::string& rest) {
+  return "layers." + std::to_string(layer) + "." + rest;
+}
 
 std::vector<float> to_floats(const std::vector<double>& v, double divisor) {
   std::vector<float> out(v.size());

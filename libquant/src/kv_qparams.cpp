@@ -45,8 +45,8 @@ std::vector<std::vector<std::array<float, 4>>> compute_kv_qparams(const KvCalibr
   return params;
 }
 
-void export_kv_qparams(const fs::path& work_dir, const fs::path& workspace, int bits, bool symmetric, int num_tp,
-                       std::ostream& log) {
+void export_kv_qparams(const fs::path& work_dir, const fs::path& workspace, int bits, bool symmetric,
+                       int num_tp, std::ostream& log) {
   const std::optional<fs::path> weights = find_workspace_weights(workspace);
   if (!weights)
     fail("turbomind_dir ", workspace.string(),
@@ -56,9 +56,9 @@ void export_kv_qparams(const fs::path& work_dir, const fs::path& workspace, int 
   const KvCalibration stats = load_kv_calibration(work_dir);
   const ModelSpec& spec = config.spec;
   if (stats.layers != spec.layers || stats.kv_heads != spec.kv_heads || stats.head_dim != spec.head_dim)
-    fail("the statistics in ", work_dir.string(), " (", stats.layers, " layers, ", stats.kv_heads, " KV heads, head_dim ",
-         stats.head_dim, ") do not match the workspace ", weights->string(), " (", spec.layers, ", ", spec.kv_heads,
-         ", ", spec.head_dim, "): calibrate the model that was converted");
+    fail("the statistics in ", work_dir.string(), " (", stats.layers, " layers, ", stats.kv_heads,
+         " KV heads, head_dim ", stats.head_dim, ") do not match the workspace ", weights->string(), " (",
+         spec.layers, ", ", spec.kv_heads, ", ", spec.head_dim, "): calibrate the model that was converted");
   if (num_tp != config.tensor_para_size)
     fail("--num-tp ", num_tp, " does not match tensor_para_size ", config.tensor_para_size, " in ",
          (*weights / "config.ini").string());
@@ -66,7 +66,8 @@ void export_kv_qparams(const fs::path& work_dir, const fs::path& workspace, int 
   for (int r = 0; r < num_tp; ++r)
     for (int l = 0; l < spec.layers; ++l) {
       const auto& p = params[r][l];
-      write_workspace_tensor(*weights, kv_scale_tensor_name(l, r), HostTensor::from_f32({p.begin(), p.end()}, {4}));
+      write_workspace_tensor(*weights, kv_scale_tensor_name(l, r),
+                             HostTensor::from_f32({p.begin(), p.end()}, {4}));
     }
   config.engine.static_kv_int8 = true;
   config.engine.quant_policy = 0;
@@ -76,8 +77,8 @@ void export_kv_qparams(const fs::path& work_dir, const fs::path& workspace, int 
       << ") to " << weights->string() << "; config.ini now uses static KV int8\n";
   for (int l = 0; l < spec.layers; ++l) {
     const auto& p = params[0][l];
-    log << "lmd:   layer " << l << ": k scale " << p[0] << " zero " << p[1] << ", v scale " << p[2] << " zero "
-        << p[3] << "\n";
+    log << "lmd:   layer " << l << ": k scale " << p[0] << " zero " << p[1] << ", v scale " << p[2]
+        << " zero " << p[3] << "\n";
   }
 }
 

@@ -22,7 +22,7 @@ namespace lmd {
 // Engine defaults a workspace carries; command-line flags override them.
 struct WorkspaceEngineDefaults {
   int session_len = 0;
-  int quant_policy = 0;  // online KV quantization (lmd >= LMDeploy v0.4 meaning): 0, 8 or 4
+  int quant_policy = 0;         // online KV quantization (lmd >= LMDeploy v0.4 meaning): 0, 8 or 4
   bool static_kv_int8 = false;  // offline per-layer KV int8 from `lite kv_qparams`
   double cache_max_entry_count = 0.8;
   int cache_block_seq_len = 64;

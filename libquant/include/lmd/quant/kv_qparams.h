@@ -20,7 +20,7 @@ std::vector<std::vector<std::array<float, 4>>> compute_kv_qparams(const KvCalibr
 
 // The whole command: reads work_dir's statistics, checks them against the workspace's config.ini,
 // writes every rank's parameters and sets static_kv_int8 = 1 (quant_policy = 0). Reports to `log`.
-void export_kv_qparams(const std::filesystem::path& work_dir, const std::filesystem::path& workspace, int bits,
-                       bool symmetric, int num_tp, std::ostream& log);
+void export_kv_qparams(const std::filesystem::path& work_dir, const std::filesystem::path& workspace,
+                       int bits, bool symmetric, int num_tp, std::ostream& log);
 
 }  // namespace lmd
