@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "lmd/core/error.h"
+#include "lmd/core/workspace.h"
 #include "lmd/engine/cpu_backend.h"
 #if defined(LMD_HAVE_CUDA)
 #include "lmd/cuda/cuda_backend.h"
@@ -15,6 +16,23 @@
 
 namespace lmd {
 namespace {
+
+// config.ini values are a workspace's defaults: a flag still at lmd's own default does not override
+// them (so explicitly passing a default value, say --quant-policy 0, cannot undo a workspace setting;
+// edit config.ini for that).
+cli::EngineOptions with_workspace_defaults(cli::EngineOptions o, const WorkspaceConfig& ws) {
+  const cli::EngineOptions lmd_defaults;
+  const WorkspaceEngineDefaults& e = ws.engine;
+  if (o.session_len == lmd_defaults.session_len) o.session_len = e.session_len;
+  if (o.quant_policy == lmd_defaults.quant_policy) o.quant_policy = e.quant_policy;
+  if (o.cache_max_entry_count == lmd_defaults.cache_max_entry_count)
+    o.cache_max_entry_count = e.cache_max_entry_count;
+  if (o.cache_block_seq_len == lmd_defaults.cache_block_seq_len)
+    o.cache_block_seq_len = e.cache_block_seq_len;
+  if (o.max_batch_size == lmd_defaults.max_batch_size) o.max_batch_size = e.max_batch_size;
+  if (o.tp == lmd_defaults.tp) o.tp = ws.tensor_para_size;
+  return o;
+}
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
@@ -57,17 +75,24 @@ std::unique_ptr<Backend> make_backend(const std::string& device, int cpu_threads
   return std::make_unique<CpuBackend>(cpu_threads);
 }
 
-std::unique_ptr<Runtime> load_runtime(const std::string& model_path, const cli::EngineOptions& options,
+std::unique_ptr<Runtime> load_runtime(const std::string& model_path, const cli::EngineOptions& flags,
                                       std::ostream& log) {
   namespace fs = std::filesystem;
   auto rt = std::make_unique<Runtime>();
   rt->model_dir = model_path;
   if (!fs::is_directory(rt->model_dir))
-    fail("model path '", model_path, "' is not a directory (expected a Hugging Face checkpoint folder)");
-  const ModelSpec spec = load_model_spec(rt->model_dir);
+    fail("model path '", model_path,
+         "' is not a directory (expected a Hugging Face checkpoint folder or an `lmd convert` workspace)");
+  // A workspace (`lmd convert`) carries its model description and engine defaults in config.ini.
+  const std::optional<fs::path> workspace = find_workspace_weights(rt->model_dir);
+  std::optional<WorkspaceConfig> ws_config;
+  if (workspace) ws_config = read_workspace_config(*workspace);
+  const cli::EngineOptions options = ws_config ? with_workspace_defaults(flags, *ws_config) : flags;
+  const ModelSpec spec = ws_config ? ws_config->spec : load_model_spec(rt->model_dir);
+  const fs::path config_file = workspace ? *workspace / "config.ini" : rt->model_dir / "config.json";
   if (options.model_format == "awq" && !spec.awq.enabled)
-    fail("--model-format awq: ", (rt->model_dir / "config.json").string(),
-         " has no AWQ quantization_config (quantize it with `lmd lite auto_awq` first)");
+    fail("--model-format awq: ", config_file.string(),
+         " has no AWQ quantization (quantize it with `lmd lite auto_awq` first)");
   if (!options.model_format.empty() && options.model_format != "hf" && options.model_format != "awq")
     fail("--model-format must be hf or awq, got '", options.model_format, "'");
   if (options.tp != 1) fail("--tp ", options.tp, ": tensor parallelism is not available yet; use --tp 1");
@@ -75,9 +100,13 @@ std::unique_ptr<Runtime> load_runtime(const std::string& model_path, const cli::
   rt->backend = make_backend(options.device, options.threads);
   log << "lmd: loading " << model_path << " on " << rt->backend->name() << "\n";
   const auto t0 = std::chrono::steady_clock::now();
-  const CheckpointWeights weights = load_checkpoint(rt->model_dir, spec);
-  rt->tokenizer = Tokenizer::load(rt->model_dir);
-  rt->chat_template = select_chat_template(rt->model_dir, options.chat_template);
+  const CheckpointWeights weights =
+      workspace ? load_workspace_weights(*workspace, spec) : load_checkpoint(rt->model_dir, spec);
+  rt->tokenizer = Tokenizer::load(workspace ? workspace_tokenizer_dir(*workspace) : rt->model_dir);
+  // A workspace keeps the template named at convert time.
+  rt->chat_template = !ws_config ? select_chat_template(rt->model_dir, options.chat_template)
+                      : options.chat_template.empty() ? ChatTemplate::builtin(ws_config->chat_template)
+                                                      : ChatTemplate::parse(options.chat_template);
   // A terminal sees one line that counts up; a log file gets a line per quarter of the layers.
   const bool tty = isatty(STDERR_FILENO);
   rt->model = std::make_unique<Model>(spec, weights, *rt->backend, [&](int done, int total) {
@@ -102,9 +131,23 @@ std::unique_ptr<Runtime> load_runtime(const std::string& model_path, const cli::
   cfg.max_batch_size = options.max_batch_size;
   cfg.max_prefill_tokens = options.max_prefill_token_num;
   cfg.quant_bits = options.quant_policy;
-  const KvCacheLayout one = rt->model->kv_layout(1, cfg.block_len, cfg.quant_bits);
-  const KvCacheStorage probe = rt->backend->alloc_kv_cache(one, rt->model->activation_dtype());
-  const double block_bytes = double(probe.data.nbytes() + probe.params.nbytes());
+  // Offline per-layer KV int8 (`lite kv_qparams`) applies unless --quant-policy asks for online quantization.
+  const bool static_kv = ws_config && ws_config->engine.static_kv_int8 && cfg.quant_bits == 0;
+  if (static_kv) {
+    if (rt->backend->kind() != DeviceKind::CPU)
+      fail(config_file.string(),
+           " sets static_kv_int8 = 1, which runs on the CPU backend only for now: use "
+           "--device cpu, or --quant-policy 8 for online int8 KV");
+    cfg.quant_bits = 8;
+    cfg.kv_static_params = read_static_kv_params(*workspace, spec.layers);
+  }
+  auto block_bytes_for = [&](int bits) {
+    KvCacheLayout one = rt->model->kv_layout(1, cfg.block_len, bits);
+    if (bits == cfg.quant_bits) one.static_params = cfg.kv_static_params;
+    const KvCacheStorage probe = rt->backend->alloc_kv_cache(one, rt->model->activation_dtype());
+    return double(probe.data.nbytes() + probe.params.nbytes());
+  };
+  const double block_bytes = block_bytes_for(cfg.quant_bits);
   const int blocks_per_session = blocks_for(cfg.session_len, cfg.block_len);
   if (options.cache_max_entry_count >= 1) {
     cfg.num_blocks = int(options.cache_max_entry_count);
@@ -124,7 +167,16 @@ std::unique_ptr<Runtime> load_runtime(const std::string& model_path, const cli::
   const int64_t tokens = int64_t(cfg.num_blocks) * cfg.block_len;
   log << "lmd: KV cache " << gib(block_bytes * cfg.num_blocks) << " = " << cfg.num_blocks << " blocks x "
       << cfg.block_len << " tokens = " << tokens << " tokens"
-      << (cfg.quant_bits ? " (int" + std::to_string(cfg.quant_bits) + " KV)" : std::string()) << "\n";
+      << (static_kv        ? " (static int8 KV, per-layer offline scales)"
+          : cfg.quant_bits ? " (int" + std::to_string(cfg.quant_bits) + " KV)"
+                           : std::string())
+      << "\n";
+  if (cfg.quant_bits) {
+    char ratio[16];
+    std::snprintf(ratio, sizeof ratio, "%.2f", block_bytes_for(0) / block_bytes);
+    log << "lmd: quantized KV: the same memory holds " << ratio << "x the tokens of an unquantized "
+        << dtype_name(rt->model->activation_dtype()) << " KV cache\n";
+  }
   if (tokens < cfg.session_len)
     log << "lmd: warning: --session-len " << cfg.session_len << " does not fit in the KV cache; at most " << tokens
         << " tokens fit (raise --cache-max-entry-count or lower --session-len)\n";

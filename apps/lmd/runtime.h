@@ -34,8 +34,9 @@ struct Runtime {
 // The backend `device` names (auto: CUDA when this build has it and a GPU is present, else CPU).
 std::unique_ptr<Backend> make_backend(const std::string& device, int cpu_threads);
 
-// Loads everything; progress and the memory report go to `log`. Throws lmd::Error naming the path or
-// flag on failure.
+// Loads everything from a Hugging Face folder or an `lmd convert` workspace (WS, WS/triton_models or
+// WS/triton_models/weights; its config.ini values are defaults that `options` override); progress and
+// the memory report go to `log`. Throws lmd::Error naming the path or flag on failure.
 std::unique_ptr<Runtime> load_runtime(const std::string& model_path, const cli::EngineOptions& options,
                                       std::ostream& log);
 

@@ -120,7 +120,7 @@ KvCacheStorage CpuBackend::alloc_kv_cache(const KvCacheLayout& layout, DType com
   } else {
     cache.data =
         alloc(DType::U8, {layout.num_blocks, per_block * kv_row_bytes(layout.head_dim, layout.quant_bits)});
-    cache.params = alloc(DType::F16, {layout.num_blocks, per_block * 2});
+    if (!layout.is_static()) cache.params = alloc(DType::F16, {layout.num_blocks, per_block * 2});
   }
   return cache;
 }
@@ -203,6 +203,9 @@ void CpuBackend::rope_kv_write(DeviceTensor& qkv, const BatchLayout& batch, int 
           if (L.quant_bits == 0) {
             float* dst = cache.data.as<float>() + index * hd;
             std::memcpy(dst, src, hd * sizeof(float));
+          } else if (L.is_static()) {
+            const float* p = &L.static_params[4 * layer + 2 * kv];
+            quantize_kv_row_static(src, hd, p[0], p[1], cache.data.as<int8_t>() + index * hd);
           } else {
             quantize_kv_row(src, hd, L.quant_bits,
                             cache.data.as<uint8_t>() + index * kv_row_bytes(hd, L.quant_bits),
@@ -241,6 +244,9 @@ void CpuBackend::attention(const DeviceTensor& qkv, const BatchLayout& batch, in
         const int64_t index = kv_cache_row(L, block, layer, kv, g, slot);
         if (L.quant_bits == 0) {
           std::memcpy(dst, cache.data.as<float>() + index * hd, hd * sizeof(float));
+        } else if (L.is_static()) {
+          const float* p = &L.static_params[4 * layer + 2 * kv];
+          dequantize_kv_row_static(cache.data.as<int8_t>() + index * hd, hd, p[0], p[1], dst);
         } else {
           dequantize_kv_row(cache.data.as<uint8_t>() + index * kv_row_bytes(hd, L.quant_bits),
                             cache.params.as<uint16_t>() + index * 2, hd, L.quant_bits, dst);

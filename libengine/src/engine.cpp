@@ -83,8 +83,13 @@ Engine::Engine(Model& model, const EngineConfig& config)
     : model_(model), config_(config), pool_(config.num_blocks) {
   if (config_.num_blocks <= 0) fail("the KV cache has no blocks (check --cache-max-entry-count)");
   if (config_.session_len <= 0) config_.session_len = model.spec().max_position;
-  cache_ = model.backend().alloc_kv_cache(
-      model.kv_layout(config_.num_blocks, config_.block_len, config_.quant_bits), model.activation_dtype());
+  if (!config_.kv_static_params.empty() &&
+      (config_.quant_bits != 8 || config_.kv_static_params.size() != 4 * size_t(model.spec().layers)))
+    fail("static KV int8 needs quant_bits 8 and 4 parameters per layer (", 4 * model.spec().layers, "), got ",
+         config_.quant_bits, " and ", config_.kv_static_params.size());
+  KvCacheLayout layout = model.kv_layout(config_.num_blocks, config_.block_len, config_.quant_bits);
+  layout.static_params = config_.kv_static_params;
+  cache_ = model.backend().alloc_kv_cache(layout, model.activation_dtype());
   thread_ = std::thread([this] { scheduler_loop(); });
 }
 

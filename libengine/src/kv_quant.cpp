@@ -33,4 +33,14 @@ void dequantize_kv_row(const uint8_t* src, const uint16_t* params, int head_dim,
   }
 }
 
+void quantize_kv_row_static(const float* x, int head_dim, float scale, float zero, int8_t* dst) {
+  const float inv = scale > 0 ? 1.f / scale : 0.f;
+  for (int d = 0; d < head_dim; ++d)
+    dst[d] = int8_t(std::clamp<int>(int(std::nearbyint((x[d] - zero) * inv)), -128, 127));
+}
+
+void dequantize_kv_row_static(const int8_t* src, int head_dim, float scale, float zero, float* out) {
+  for (int d = 0; d < head_dim; ++d) out[d] = src[d] * scale + zero;
+}
+
 }  // namespace lmd

@@ -143,6 +143,9 @@ std::vector<float> Model::forward(const std::vector<int>& ids, const BatchLayout
   DeviceTensor act = be.alloc(act_, {T, spec_.intermediate});
   const RopeConfig rope = RopeConfig::from_spec(spec_);
 
+  auto observe = [&](int layer, const char* point, const DeviceTensor& t) {
+    if (observer_) observer_(layer, point, t);
+  };
   be.embedding(embed_, ids, residual);
   for (int l = 0; l < spec_.layers; ++l) {
     const ModelLayer& layer = layers_[l];
@@ -151,16 +154,26 @@ std::vector<float> Model::forward(const std::vector<int>& ids, const BatchLayout
     } else {
       be.add_rmsnorm(residual, proj, layer.attn_norm, spec_.norm_eps, normed);
     }
+    observe(l, "attention_norm", normed);
     be.linear(normed, layer.qkv, qkv);
+    observe(l, "qkv", qkv);
     be.rope_kv_write(qkv, batch, l, heads, rope, cache);
+    observe(l, "qkv_rope", qkv);
     be.attention(qkv, batch, l, heads, cache, attn);
+    observe(l, "attention", attn);
     be.linear(attn, layer.o, proj);
+    observe(l, "o", proj);
     be.add_rmsnorm(residual, proj, layer.ffn_norm, spec_.norm_eps, normed);
+    observe(l, "ffn_norm", normed);
     be.linear(normed, layer.gate_up, gate_up);
+    observe(l, "gate_up", gate_up);
     be.silu_mul(gate_up, act);
+    observe(l, "act", act);
     be.linear(act, layer.down, proj);
+    observe(l, "down", proj);
   }
   be.add_rmsnorm(residual, proj, final_norm_, spec_.norm_eps, normed);
+  observe(-1, "norm", normed);
 
   std::vector<int> rows;
   if (all_logits) {

@@ -45,16 +45,21 @@ struct DeviceLinear {
 };
 
 // Online KV-cache quantization (BRIEF §5): 0 = cache in the activation dtype, 8 = int8, 4 = int4.
+// Static int8 (offline `lite kv_qparams` parameters): quant_bits 8 and `static_params` holding 4 floats
+// per layer, [k_scale, k_zero, v_scale, v_zero]; the cache then has no per-row params.
 struct KvCacheLayout {
   int layers = 0, kv_heads = 0, head_dim = 0;
   int block_len = 64;
   int num_blocks = 0;
   int quant_bits = 0;
+  std::vector<float> static_params;
+  bool is_static() const { return !static_params.empty(); }
 };
 
 // The KV block pool's memory. Each block holds, for every layer, K and V of `block_len` tokens:
 // data [num_blocks, layers, 2, kv_heads, block_len, head_dim] (quantized: uint8, int4 packed two per
-// byte), and when quantized, params [num_blocks, layers, 2, kv_heads, block_len, 2] fp16 (scale, zero).
+// byte), and when quantized online, params [num_blocks, layers, 2, kv_heads, block_len, 2] fp16
+// (scale, zero).
 struct KvCacheStorage {
   KvCacheLayout layout;
   DeviceTensor data;

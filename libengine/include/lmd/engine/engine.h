@@ -78,6 +78,7 @@ struct EngineConfig {
   int block_len = 64;
   int num_blocks = 0;
   int quant_bits = 0;
+  std::vector<float> kv_static_params;  // static int8 KV: see KvCacheLayout::static_params
 };
 
 struct EngineStats {

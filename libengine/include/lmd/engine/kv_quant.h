@@ -21,4 +21,9 @@ inline int64_t kv_cache_row(const KvCacheLayout& L, int block, int layer, int kv
 void quantize_kv_row(const float* x, int head_dim, int bits, uint8_t* dst, uint16_t* params);
 void dequantize_kv_row(const uint8_t* src, const uint16_t* params, int head_dim, int bits, float* out);
 
+// Static int8 (offline parameters, one (scale, zero) per layer for K and one for V, BRIEF §5):
+// q = round((x - zero) / scale) clamped to [-128, 127], stored signed; x ~ q * scale + zero.
+void quantize_kv_row_static(const float* x, int head_dim, float scale, float zero, int8_t* dst);
+void dequantize_kv_row_static(const int8_t* src, int head_dim, float scale, float zero, float* out);
+
 }  // namespace lmd

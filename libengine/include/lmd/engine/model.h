@@ -19,6 +19,12 @@ struct ModelLayer {
   DeviceLinear qkv, o, gate_up, down;
 };
 
+// Sees intermediate activations of forward() (calibration statistics): `tensor` is [tokens, cols] for
+// `point` of `layer`: attention_norm, qkv (the fused linear's output), qkv_rope (after RoPE, i.e. what
+// the KV cache receives), attention (o's input), o, ffn_norm, gate_up, act (down's input), down; and
+// layer -1, point norm for the final norm.
+using ForwardObserver = std::function<void(int layer, const char* point, const DeviceTensor& tensor)>;
+
 class Model {
  public:
   // Uploads and fuses the checkpoint's weights. `progress(layer, layers)` is called after each layer.
@@ -32,6 +38,8 @@ class Model {
   DType activation_dtype() const { return act_; }
   size_t weight_bytes() const { return weight_bytes_; }
   KvCacheLayout kv_layout(int num_blocks, int block_len, int quant_bits) const;
+  // An empty observer (the default) costs nothing.
+  void set_observer(ForwardObserver observer) { observer_ = std::move(observer); }
 
   // One forward step over the new tokens `ids` laid out by `batch` (their K/V are appended to the
   // cache). Returns fp32 logits [rows, vocab]: rows = one per sequence (its last new token), or every
@@ -47,6 +55,7 @@ class Model {
   DeviceLinear lm_head_;
   std::vector<ModelLayer> layers_;
   size_t weight_bytes_ = 0;
+  ForwardObserver observer_;
 };
 
 }  // namespace lmd
