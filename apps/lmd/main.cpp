@@ -1,8 +1,10 @@
 // lmd: one executable, many subcommands; each lives in its own file and registers itself here.
 #include <CLI/CLI.hpp>
 
+#include "bench_ppl.h"
 #include "chat.h"
 #include "cli_common.h"
+#include "lite.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"lmd: quantize, convert and serve Llama-family chat models", "lmd"};
@@ -10,5 +12,9 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_version_flag("--version", "lmd 0.1.0");
   lmd::add_chat_command(app);
+  lmd::add_lite_command(app);
+  CLI::App* bench = app.add_subcommand("bench", "Benchmarks: perplexity, latency, throughput");
+  bench->require_subcommand(1);
+  lmd::add_bench_ppl_command(*bench);
   return lmd::cli::run_cli(argc, argv, app);
 }
