@@ -9,9 +9,13 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
+#include <tuple>
 
 #include "expect_error.h"
+#include "lmd/core/checkpoint.h"
 #include "lmd/core/error.h"
+#include "lmd/core/safetensors.h"
+#include "lmd/core/tensor_store.h"
 #include "lmd/core/tokenizer.h"
 #include "lmd/engine/cpu_backend.h"
 #include "lmd/engine/model.h"
@@ -274,4 +278,97 @@ TEST_CASE("lmd lite auto_awq with LMDeploy's spellings, then lmd chat and lmd be
   CHECK(status == 0);
   CHECK(output.find("perplexity") != std::string::npos);
   CHECK(output.find("2 windows of 128") != std::string::npos);
+}
+
+namespace {
+
+// wt2-llama-22m re-saved in InternLM2's layout: grouped wqkv (per KV head: its query heads, its key
+// head, its value head), w1/w3/w2, attention_norm/ffn_norm, tok_embeddings.
+void write_internlm2_copy(const fs::path& llama, const fs::path& out) {
+  const lmd::ModelSpec spec = lmd::load_model_spec(llama);
+  const auto store = lmd::open_tensor_store(llama);
+  std::vector<std::pair<std::string, lmd::HostTensor>> tensors;
+  tensors.emplace_back("model.tok_embeddings.weight", store->get("model.embed_tokens.weight"));
+  tensors.emplace_back("model.norm.weight", store->get("model.norm.weight"));
+  const int64_t hd = spec.head_dim, per_group = spec.heads / spec.kv_heads, row_bytes = spec.hidden * 2;
+  for (int l = 0; l < spec.layers; ++l) {
+    const std::string src = "model.layers." + std::to_string(l) + ".", dst = src;
+    const lmd::HostTensor q = store->get(src + "self_attn.q_proj.weight"),
+                          k = store->get(src + "self_attn.k_proj.weight"),
+                          v = store->get(src + "self_attn.v_proj.weight");
+    lmd::HostTensor wqkv(lmd::DType::F16, {q.dim(0) + k.dim(0) + v.dim(0), spec.hidden});
+    char* at = wqkv.mutable_data_as<char>();
+    for (int64_t g = 0; g < spec.kv_heads; ++g) {
+      for (const auto& [t, rows, first] : {std::tuple{&q, per_group * hd, g * per_group * hd},
+                                           std::tuple{&k, hd, g * hd}, std::tuple{&v, hd, g * hd}}) {
+        std::memcpy(at, t->data_as<char>() + first * row_bytes, rows * row_bytes);
+        at += rows * row_bytes;
+      }
+    }
+    tensors.emplace_back(dst + "attention.wqkv.weight", wqkv);
+    tensors.emplace_back(dst + "attention.wo.weight", store->get(src + "self_attn.o_proj.weight"));
+    tensors.emplace_back(dst + "feed_forward.w1.weight", store->get(src + "mlp.gate_proj.weight"));
+    tensors.emplace_back(dst + "feed_forward.w3.weight", store->get(src + "mlp.up_proj.weight"));
+    tensors.emplace_back(dst + "feed_forward.w2.weight", store->get(src + "mlp.down_proj.weight"));
+    tensors.emplace_back(dst + "attention_norm.weight", store->get(src + "input_layernorm.weight"));
+    tensors.emplace_back(dst + "ffn_norm.weight", store->get(src + "post_attention_layernorm.weight"));
+  }
+  fs::create_directories(out);
+  lmd::write_safetensors(out / "model.safetensors", tensors, {{"format", "pt"}});
+  std::ifstream config_in(llama / "config.json");
+  nlohmann::json config = nlohmann::json::parse(config_in);
+  config["model_type"] = "internlm2";
+  config["architectures"] = {"InternLM2ForCausalLM"};
+  config["bias"] = false;
+  std::ofstream(out / "config.json") << config.dump(2);
+  fs::copy_file(llama / "tokenizer.model", out / "tokenizer.model");
+}
+
+bool same_bytes(const lmd::HostTensor& a, const lmd::HostTensor& b) {
+  return a.shape() == b.shape() && a.dtype() == b.dtype() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
+}
+
+}  // namespace
+
+TEST_CASE("auto_awq writes InternLM2's grouped wqkv so that it loads as the Llama layout does", "[awq]") {
+  LMD_REQUIRE_ASSETS();
+  const fs::path llama = lmd::test::model_dir("wt2-llama-22m");
+  ScratchDir scratch("awq-internlm2");
+  const fs::path internlm2 = scratch.path / "internlm2";
+  write_internlm2_copy(llama, internlm2);
+  const fs::path calib = scratch.path / "calib.txt";
+  std::ofstream(calib) << head_of(lmd::test::assets_dir() / "datasets" / "ptb" / "ptb.train.txt", 40000);
+
+  lmd::CpuBackend be(2);
+  std::ostringstream log;
+  lmd::AwqOptions o;
+  o.calib_dataset = calib.string();
+  o.calib_samples = 2;
+  o.calib_seqlen = 128;
+  o.model_dir = llama;
+  o.work_dir = scratch.path / "llama-awq";
+  lmd::auto_awq(o, be, log);
+  o.model_dir = internlm2;
+  o.work_dir = scratch.path / "internlm2-awq";
+  lmd::auto_awq(o, be, log);
+
+  const lmd::ModelSpec a_spec = lmd::load_model_spec(scratch.path / "llama-awq");
+  const lmd::ModelSpec b_spec = lmd::load_model_spec(scratch.path / "internlm2-awq");
+  REQUIRE(b_spec.arch == lmd::Arch::InternLM2);
+  REQUIRE(b_spec.awq.enabled);
+  const lmd::CheckpointWeights a = lmd::load_checkpoint(scratch.path / "llama-awq", a_spec);
+  const lmd::CheckpointWeights b = lmd::load_checkpoint(scratch.path / "internlm2-awq", b_spec);
+  for (int l = 0; l < a_spec.layers; ++l) {
+    INFO("layer " << l);
+    const lmd::LayerWeights &x = a.layers[l], &y = b.layers[l];
+    CHECK(same_bytes(x.attn_norm, y.attn_norm));
+    CHECK(same_bytes(x.ffn_norm, y.ffn_norm));
+    for (const auto member :
+         {&lmd::LayerWeights::q, &lmd::LayerWeights::k, &lmd::LayerWeights::v, &lmd::LayerWeights::o,
+          &lmd::LayerWeights::gate, &lmd::LayerWeights::up, &lmd::LayerWeights::down}) {
+      CHECK(same_bytes((x.*member).qweight, (y.*member).qweight));
+      CHECK(same_bytes((x.*member).qzeros, (y.*member).qzeros));
+      CHECK(same_bytes((x.*member).scales, (y.*member).scales));
+    }
+  }
 }
