@@ -162,7 +162,7 @@ TEST_CASE("smoothing alone leaves the float layer output unchanged", "[awq]") {
   std::vector<float> before = x;
   lmd::LayerInputs inputs;
   lmd::run_float_layer(be, t.spec, t.layer, seqlen, 2, before, &inputs, 1);
-  CHECK(inputs.qkv.stats.tokens == windows * seqlen);
+  CHECK(inputs.qkv.stats.count == windows * seqlen);
   CHECK(inputs.down.channels == t.spec.intermediate);
   CHECK(inputs.o.row_count() == windows * seqlen);
 

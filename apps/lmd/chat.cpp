@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -55,6 +56,7 @@ void run_chat(const ChatOptions& opt) {
     req.gen = generation_config(opt.sampling);
     const int req_max_new_tokens = req.gen.max_new_tokens;
     req.gen.stop_ids = rt->stop_token_ids();
+    const std::vector<int> stop_ids = req.gen.stop_ids;
     req.session_id = session;
     req.keep_session = true;
     auto stream = rt->engine->submit(std::move(req));
@@ -70,7 +72,8 @@ void run_chat(const ChatOptions& opt) {
         std::cerr << std::endl;
         break;
       }
-      const bool stop_token = ev.finish == FinishReason::Stop && ev.token >= 0;
+      // The engine reports the stop token itself (not kept in the session); it is not part of the reply.
+      const bool stop_token = std::find(stop_ids.begin(), stop_ids.end(), ev.token) != stop_ids.end();
       if (ev.token >= 0 && !stop_token && !stops.stopped()) {
         std::cout << stops.push(decoder.push(ev.token)) << std::flush;
         if (stops.stopped()) stream->cancel();  // the reply ended with a multi-token stop string

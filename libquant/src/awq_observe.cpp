@@ -76,27 +76,6 @@ FloatLayer to_float_layer(const LayerWeights& w) {
   return f;
 }
 
-void ChannelStats::add(const float* rows, int64_t n, int64_t channels) {
-  if (absmax.empty()) {
-    absmax.assign(channels, 0.f);
-    abssum.assign(channels, 0.0);
-  }
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t c = 0; c < channels; ++c) {
-      const float a = std::fabs(rows[r * channels + c]);
-      absmax[c] = std::max(absmax[c], a);
-      abssum[c] += a;
-    }
-  }
-  tokens += n;
-}
-
-std::vector<float> ChannelStats::absmean() const {
-  std::vector<float> mean(abssum.size());
-  for (size_t c = 0; c < mean.size(); ++c) mean[c] = float(abssum[c] / double(std::max<int64_t>(tokens, 1)));
-  return mean;
-}
-
 void run_float_layer(Backend& be, const ModelSpec& spec, const FloatLayer& layer, int seqlen, int batch,
                      std::vector<float>& hidden, LayerInputs* inputs, int64_t row_stride) {
   const int64_t H = spec.hidden, total = int64_t(hidden.size()) / H;

@@ -13,6 +13,7 @@
 #include "lmd/core/model_spec.h"
 #include "lmd/core/tensor.h"
 #include "lmd/engine/backend.h"
+#include "lmd/quant/channel_stats.h"
 
 namespace lmd {
 
@@ -49,15 +50,6 @@ Int4Linear quantize_int4(const FloatLinear& w, int group, const std::string& nam
 std::vector<float> fake_quantize_int4(const FloatLinear& w, int group);
 
 // --- statistics ---------------------------------------------------------------------------------
-
-// Per-input-channel statistics of a linear's input over all calibration tokens.
-struct ChannelStats {
-  std::vector<float> absmax;
-  std::vector<double> abssum;
-  int64_t tokens = 0;
-  void add(const float* rows, int64_t n, int64_t channels);
-  std::vector<float> absmean() const;
-};
 
 // What one linear input saw: statistics over every token, and every `stride`-th token's row kept for
 // the scale search (bounded so that a 7B model's MLP inputs need not all stay in memory).

@@ -12,21 +12,9 @@
 #include <vector>
 
 #include "lmd/engine/model.h"
+#include "lmd/quant/channel_stats.h"
 
 namespace lmd {
-
-// Per-channel running statistics over rows (tokens).
-struct ChannelStats {
-  std::vector<float> max, min, absmax;
-  std::vector<double> sum, abssum;
-  int64_t count = 0;
-
-  // Adds rows [rows, cols] read from `data` with `row_stride` floats between rows, starting at
-  // column `col0`.
-  void add(const float* data, int64_t rows, int64_t row_stride, int64_t col0, int64_t cols);
-  std::vector<float> mean() const;
-  std::vector<float> absmean() const;
-};
 
 struct CalibrationStats {
   // Keyed "layers.N.attention_norm.output", "layers.N.attention.wq.output", "layers.N.attention.wo.input",
