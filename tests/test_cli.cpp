@@ -125,6 +125,14 @@ TEST_CASE("cli: old option names stay as aliases", "[cli]") {
   CHECK(cmd.engine.max_batch_size == 16);
 }
 
+TEST_CASE("cli: engine options remember which flags were given, even at their default value", "[cli]") {
+  AutoAwqCommand cmd;
+  cmd.parse({"m", "--quant_policy", "0", "--instance-num", "128"});
+  CHECK(cmd.engine.was_given("quant-policy"));
+  CHECK(cmd.engine.was_given("max-batch-size"));
+  CHECK_FALSE(cmd.engine.was_given("session-len"));
+}
+
 TEST_CASE("cli: engine options defaults and validation", "[cli]") {
   AutoAwqCommand cmd;
   cmd.parse({"m"});

@@ -260,10 +260,18 @@ TEST_CASE("workspace: config.ini values are defaults that flags override", "[wor
   flags.cache_block_seq_len = 16;
   flags.quant_policy = 8;
   flags.chat_template = "llama2";
+  flags.given = {"cache-block-seq-len", "quant-policy", "chat-template"};
   rt = load_runtime(ws.string(), flags, log);
   CHECK(rt->engine_config.block_len == 16);
   CHECK(rt->engine_config.quant_bits == 8);
   CHECK(rt->chat_template->name() == "llama2");
+  rt.reset();
+  // A flag given at lmd's own default still overrides the workspace.
+  flags = cpu_options();
+  flags.given = {"quant-policy"};
+  rt = load_runtime(ws.string(), flags, log);
+  CHECK(rt->engine_config.quant_bits == 0);
+  CHECK(rt->engine_config.block_len == 32);
   fs::remove_all(ws);
 }
 

@@ -146,28 +146,41 @@ std::string with_aliases(std::string_view name, std::initializer_list<std::strin
 }
 
 void add_engine_options(CLI::App& app, EngineOptions& o) {
-  app.add_option("--device", o.device, "where the model runs")->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  // Records that a flag was given on the command line, whatever its value (a workspace's config.ini
+  // supplies defaults that only given flags override).
+  auto given = [&o](const char* name) { return [&o, name](const std::string&) { o.given.insert(name); }; };
+  app.add_option("--device", o.device, "where the model runs")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
+      ->each(given("device"));
   app.add_option("--session-len", o.session_len, "max tokens of one session; 0: the model's context length")
-      ->check(number_in(0, false));
+      ->check(number_in(0, false))
+      ->each(given("session-len"));
   app.add_option("--cache-max-entry-count", o.cache_max_entry_count,
                  "KV cache size: below 1, the fraction of memory free after the weights; 1 or more, a block count")
-      ->check(number_in(0, true));
+      ->check(number_in(0, true))
+      ->each(given("cache-max-entry-count"));
   app.add_option("--cache-block-seq-len", o.cache_block_seq_len, "tokens per KV cache block")
-      ->check(number_in(0, true));
+      ->check(number_in(0, true))
+      ->each(given("cache-block-seq-len"));
   app.add_option(with_aliases("--max-batch-size", {"--instance-num"}), o.max_batch_size,
                  "most sequences decoded together")
-      ->check(number_in(0, true));
-  app.add_option("--max-prefill-token-num", o.max_prefill_token_num,
-                 "most prompt tokens prefilled in one step")
-      ->check(number_in(0, true));
+      ->check(number_in(0, true))
+      ->each(given("max-batch-size"));
+  app.add_option("--max-prefill-token-num", o.max_prefill_token_num, "most prompt tokens prefilled in one step")
+      ->check(number_in(0, true))
+      ->each(given("max-prefill-token-num"));
   app.add_option("--quant-policy", o.quant_policy, "KV cache quantization: 0 none, 8 int8, 4 int4")
-      ->check(CLI::IsMember({0, 4, 8}));
+      ->check(CLI::IsMember({0, 4, 8}))
+      ->each(given("quant-policy"));
   app.add_option("--model-format", o.model_format, "weights format; default: read from config.json")
-      ->check(CLI::IsMember({"hf", "awq"}));
-  app.add_option("--tp", o.tp, "tensor-parallel GPUs")->check(number_in(0, true));
-  app.add_option("--chat-template", o.chat_template,
-                 "builtin template name or JSON; default: from the model");
-  app.add_option("--threads", o.threads, "CPU backend threads; 0: all cores")->check(number_in(0, false));
+      ->check(CLI::IsMember({"hf", "awq"}))
+      ->each(given("model-format"));
+  app.add_option("--tp", o.tp, "tensor-parallel GPUs")->check(number_in(0, true))->each(given("tp"));
+  app.add_option("--chat-template", o.chat_template, "builtin template name or JSON; default: from the model")
+      ->each(given("chat-template"));
+  app.add_option("--threads", o.threads, "CPU backend threads; 0: all cores")
+      ->check(number_in(0, false))
+      ->each(given("threads"));
 }
 
 void add_sampling_options(CLI::App& app, SamplingOptions& o) {

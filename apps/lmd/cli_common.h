@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -63,6 +64,8 @@ struct EngineOptions {
   int tp = 1;                 // tensor-parallel GPUs
   std::string chat_template;  // builtin name or JSON; empty: from the checkpoint
   int threads = 0;            // CPU backend threads; 0: all cores
+  std::set<std::string> given;  // flags given on the command line, named without dashes
+  bool was_given(const std::string& name) const { return given.count(name) != 0; }
 };
 void add_engine_options(CLI::App& app, EngineOptions& options);
 

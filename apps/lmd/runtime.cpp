@@ -17,20 +17,15 @@
 namespace lmd {
 namespace {
 
-// config.ini values are a workspace's defaults: a flag still at lmd's own default does not override
-// them (so explicitly passing a default value, say --quant-policy 0, cannot undo a workspace setting;
-// edit config.ini for that).
+// config.ini values are a workspace's defaults; flags given on the command line override them.
 cli::EngineOptions with_workspace_defaults(cli::EngineOptions o, const WorkspaceConfig& ws) {
-  const cli::EngineOptions lmd_defaults;
   const WorkspaceEngineDefaults& e = ws.engine;
-  if (o.session_len == lmd_defaults.session_len) o.session_len = e.session_len;
-  if (o.quant_policy == lmd_defaults.quant_policy) o.quant_policy = e.quant_policy;
-  if (o.cache_max_entry_count == lmd_defaults.cache_max_entry_count)
-    o.cache_max_entry_count = e.cache_max_entry_count;
-  if (o.cache_block_seq_len == lmd_defaults.cache_block_seq_len)
-    o.cache_block_seq_len = e.cache_block_seq_len;
-  if (o.max_batch_size == lmd_defaults.max_batch_size) o.max_batch_size = e.max_batch_size;
-  if (o.tp == lmd_defaults.tp) o.tp = ws.tensor_para_size;
+  if (!o.was_given("session-len")) o.session_len = e.session_len;
+  if (!o.was_given("quant-policy")) o.quant_policy = e.quant_policy;
+  if (!o.was_given("cache-max-entry-count")) o.cache_max_entry_count = e.cache_max_entry_count;
+  if (!o.was_given("cache-block-seq-len")) o.cache_block_seq_len = e.cache_block_seq_len;
+  if (!o.was_given("max-batch-size")) o.max_batch_size = e.max_batch_size;
+  if (!o.was_given("tp")) o.tp = ws.tensor_para_size;
   return o;
 }
 
