@@ -108,46 +108,51 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int kt_end = min(KT, (split + 1) * k_tiles);
   float acc[kTilesN][MT][4] = {};
 
-  auto load = [&](int kt, uint4(&w)[kTilesN]) {
+  // A tile's weights and its (zero, scale) meta for both 32-input halves (group 32 changes group mid tile).
+  struct Tile {
+    uint4 w[kTilesN];
+    uint2 meta[2][kTilesN];
+  };
+  auto load = [&](int kt, Tile& tile) {
 #pragma unroll
-    for (int j = 0; j < kTilesN; ++j)
-      w[j] = __ldg(qweight + (int64_t(bn * kTilesN + j) * KT + kt) * 32 + lane);
+    for (int j = 0; j < kTilesN; ++j) {
+      tile.w[j] = __ldg(qweight + (int64_t(bn * kTilesN + j) * KT + kt) * 32 + lane);
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        tile.meta[half][j] =
+            __ldg(meta + ((kt * 64 + half * 32) / group * int64_t(NT) + bn * kTilesN + j) * 8 + g);
+    }
   };
   int kt = split * k_tiles + warp;
-  uint4 w[kTilesN], next[kTilesN];
-  if (kt < kt_end) load(kt, w);
+  Tile cur, next;
+  if (kt < kt_end) load(kt, cur);
   for (; kt < kt_end; kt += kWarps) {
-    // The next tile's weights are requested before this one is used: two tiles in flight per warp.
+    // The next tile is requested before this one is used: two tiles in flight per warp. Version 1 loaded
+    // the meta here, unprefetched: its first touch waited on DRAM every tile and the GEMV reached 1.33
+    // TB/s on an H200 (docs/benchmarks.md).
     if (kt + kWarps < kt_end) load(kt + kWarps, next);
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int64_t grp = (kt * 64 + half * 32) / group;
-      uint2 m[kTilesN];
+    for (int s = 0; s < 4; ++s) {
+      const int k = kt * 64 + s * 16 + 2 * t;
+      uint32_t b[MT][2];
 #pragma unroll
-      for (int j = 0; j < kTilesN; ++j) m[j] = __ldg(meta + (grp * NT + bn * kTilesN + j) * 8 + g);
+      for (int mt = 0; mt < MT; ++mt) {
+        const int row = mt * 8 + g;
+        const T* p = x + int64_t(min(row, M - 1)) * K + k;
+        b[mt][0] = row < M ? load_pair(p) : 0u;
+        b[mt][1] = row < M ? load_pair(p + 8) : 0u;
+      }
 #pragma unroll
-      for (int ss = 0; ss < 2; ++ss) {
-        const int s = half * 2 + ss, k = kt * 64 + s * 16 + 2 * t;
-        uint32_t b[MT][2];
+      for (int j = 0; j < kTilesN; ++j) {
+        const __half2 z = as_h2(cur.meta[s / 2][j].x), sc = as_h2(cur.meta[s / 2][j].y);
+        uint32_t a[4];
+        dequant(component(cur.w[j], s), __low2half2(z), __high2half2(z), __low2half2(sc), __high2half2(sc),
+                a);
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const int row = mt * 8 + g;
-          const T* p = x + int64_t(min(row, M - 1)) * K + k;
-          b[mt][0] = row < M ? load_pair(p) : 0u;
-          b[mt][1] = row < M ? load_pair(p + 8) : 0u;
-        }
-#pragma unroll
-        for (int j = 0; j < kTilesN; ++j) {
-          const __half2 z = as_h2(m[j].x), sc = as_h2(m[j].y);
-          uint32_t a[4];
-          dequant(component(w[j], s), __low2half2(z), __high2half2(z), __low2half2(sc), __high2half2(sc), a);
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) mma(acc[j][mt], a, b[mt][0], b[mt][1]);
-        }
+        for (int mt = 0; mt < MT; ++mt) mma(acc[j][mt], a, b[mt][0], b[mt][1]);
       }
     }
-#pragma unroll
-    for (int j = 0; j < kTilesN; ++j) w[j] = next[j];
+    cur = next;
   }
 
   constexpr int kValues = kTilesN * MT * 4;
