@@ -80,9 +80,10 @@ void require_same(const DeviceTensor& a, const DeviceTensor& b, const char* op) 
     fail("CUDA ", op, ": dtype mismatch (", dtype_name(a.dtype), " vs ", dtype_name(b.dtype), ")");
 }
 
-// The tensor-core GEMV up to this many rows, dequantize + cuBLAS from it on. PLACEHOLDER: set from the
-// measured crossover (docs/benchmarks.md).
-constexpr int kW4DenseFromRows = cuda::kW4GemvMaxRows + 1;
+// int4 linears of at least this many rows dequantize + cuBLAS, fewer run the tensor-core GEMV. Measured
+// on an H200 over a Llama-2-7B layer set (lmd_bench_w4a16, docs/benchmarks.md): GEMV 6.9 ms vs 8.8 ms at
+// 32 rows, 10.8 vs 8.9 ms at 48 (the GEMV's 8-tile variant, used from 33 rows, is the slow one).
+constexpr int kW4DenseFromRows = 33;
 
 cudaDataType cuda_type(DType t) {
   switch (t) {
