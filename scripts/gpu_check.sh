@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The one script for the GPU machine (BRIEF §9): unpacks the Debian packages CI uses into a prefix,
-# builds lmd with the CUDA backend for Hopper, runs the [gpu] tests and the batch-1 decode benchmark.
+# builds lmd with the CUDA backend for Hopper, runs the [gpu] tests and the benchmarks.
 #   scripts/gpu_check.sh [DEBS_DIR]     (default: .debs beside this checkout)
+# LMD_GPU_TESTS: the Catch2 test filter (default "[gpu]"; e.g. "[w4a16]"); LMD_GPU_BENCH: which
+# benchmarks, of decode (fp16 batch-1 decode step), decode-w4a16 (the same with int4 linears), w4a16 (the
+# int4 linears alone); default all three.
 # Test models are read from $LMD_TEST_ASSETS, else ./assets when present, else ../shared. Logs go to
 # $OUT when set (the device tool's output folder), else /tmp/lmd-gpu-out.
 set -uo pipefail
@@ -31,13 +34,23 @@ if ! cmake --build "$BUILD" -j16 >"$LOGS/build.log" 2>&1; then
 fi
 echo "build: ok"
 
-timeout 420 "$BUILD/tests/lmd_tests" "[gpu]" --durations yes >"$LOGS/gpu_tests.log" 2>&1
+timeout 420 "$BUILD/tests/lmd_tests" "${LMD_GPU_TESTS:-[gpu]}" --durations yes >"$LOGS/gpu_tests.log" 2>&1
 tests_rc=$?
 grep -E -A3 "warning:|FAILED|failed|passed|with expansion" "$LOGS/gpu_tests.log" | grep -v "^--$" | tail -60
 echo "gpu tests exit code: $tests_rc"
 
-timeout 240 "$BUILD/cuda/lmd_cuda_bench" >"$LOGS/bench.log" 2>&1
-bench_rc=$?
-cat "$LOGS/bench.log"
-echo "bench exit code: $bench_rc"
+bench_rc=0
+for bench in ${LMD_GPU_BENCH:-decode decode-w4a16 w4a16}; do
+  case $bench in
+    decode) cmd=("$BUILD/cuda/lmd_cuda_bench") ;;
+    decode-w4a16) cmd=("$BUILD/cuda/lmd_cuda_bench" --w4a16) ;;
+    w4a16) cmd=("$BUILD/cuda/lmd_bench_w4a16") ;;
+    *) echo "unknown benchmark $bench"; exit 1 ;;
+  esac
+  timeout 240 "${cmd[@]}" >"$LOGS/bench-$bench.log" 2>&1
+  rc=$?
+  echo "== $bench (exit code $rc)"
+  cat "$LOGS/bench-$bench.log"
+  bench_rc=$((bench_rc | rc))
+done
 exit $((tests_rc != 0 || bench_rc != 0))

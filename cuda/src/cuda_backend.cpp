@@ -15,6 +15,7 @@
 #include "kernels.h"
 #include "lmd/core/awq_layout.h"
 #include "lmd/engine/kv_quant.h"
+#include "w4a16.h"
 
 namespace lmd {
 namespace {
@@ -79,6 +80,11 @@ void require_same(const DeviceTensor& a, const DeviceTensor& b, const char* op) 
     fail("CUDA ", op, ": dtype mismatch (", dtype_name(a.dtype), " vs ", dtype_name(b.dtype), ")");
 }
 
+// int4 linears of at least this many rows dequantize + cuBLAS, fewer run the tensor-core GEMV. Measured
+// on an H200 over a Llama-2-7B layer set (lmd_bench_w4a16, docs/benchmarks.md): GEMV 6.9 ms vs 8.8 ms at
+// 32 rows, 10.8 vs 8.9 ms at 48 (the GEMV's 8-tile variant, used from 33 rows, is the slow one).
+constexpr int kW4DenseFromRows = 33;
+
 cudaDataType cuda_type(DType t) {
   switch (t) {
     case DType::F16:
@@ -106,6 +112,11 @@ struct CudaState {
     DeviceTensor dev;
   };
   Meta meta[2];  // 0: rope_kv_write, 1: attention
+  // W4A16 linears: rows from which they run as dequantize + cuBLAS, the GEMV's split-K partials and
+  // counters (kept zero between launches), and the dense weight of the larger-batch path. Each only
+  // grows; all use is ordered on the one stream.
+  int w4_dense_from = kW4DenseFromRows;
+  DeviceTensor w4_partials, w4_counters, w4_dense;
 };
 
 bool cuda_device_available() {
@@ -147,6 +158,9 @@ CudaBackend::~CudaBackend() {
   cudaStreamSynchronize(state_->stream);
   state_->meta[0] = {};
   state_->meta[1] = {};
+  state_->w4_partials = {};
+  state_->w4_counters = {};
+  state_->w4_dense = {};
   cublasDestroy(state_->cublas);
   cudaStreamDestroy(state_->stream);
 }
@@ -203,8 +217,19 @@ DeviceLinear CudaBackend::prepare_linear(const LinearWeight& w, DType compute) {
   DeviceLinear out;
   out.out_features = w.out_features();
   out.in_features = w.in_features();
-  if (w.is_awq()) {
-    // Until the W4A16 kernel exists, AWQ weights are dequantized on the host and run as dense GEMMs.
+  const int group = w.is_awq() ? int(out.in_features / w.scales.dim(0)) : 0;
+  if (w.is_awq() && cuda::w4a16_supported(out.in_features, out.out_features, group)) {
+    // Re-laid on the device (w4a16.h); the AWQ tensors are uploaded as they are and dropped after.
+    const int K = int(out.in_features), N = int(out.out_features);
+    const DeviceTensor qweight = upload(w.qweight, DType::I32), qzeros = upload(w.qzeros, DType::I32);
+    const DeviceTensor scales = upload(w.scales, DType::F16);
+    out.group_size = group;
+    out.qweight = alloc(DType::I32, {N / 16, K / 64, 128});
+    out.scales = alloc(DType::F16, {K / group, 2 * int64_t(N)});  // the (1024 + zero, scale) meta
+    cuda::w4a16_relayout(qweight.as<int32_t>(), qzeros.as<int32_t>(), scales.data, K, N, group,
+                         out.qweight.as<int32_t>(), out.scales.data, state_->stream);
+  } else if (w.is_awq()) {
+    // Shapes the tiles do not cover (never a Llama-family linear) run as dense GEMMs.
     out.weight = upload(dequantize_awq(w.qweight, w.qzeros, w.scales), compute);
   } else {
     out.weight = upload(w.weight, compute);
@@ -287,25 +312,55 @@ void CudaBackend::add_rmsnorm(DeviceTensor& residual, const DeviceTensor& x, con
   cuda::rmsnorm(x.dtype, x.data, residual.data, weight.data, eps, x.numel() / n, n, out.data, state_->stream);
 }
 
-void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTensor& out) {
-  if (w.is_int4()) fail("CUDA linear: int4 weights must be dequantized by prepare_linear");
-  require_same(x, w.weight, "linear");
-  // The output may be fp32 from 16-bit inputs (the logits: fp16 logits tie and flip greedy choices).
-  if (out.dtype != x.dtype && !(out.dtype == DType::F32 && w.bias.empty())) require_same(x, out, "linear");
-  const int64_t in = w.in_features, outf = w.out_features, tokens = x.numel() / in;
-  if (x.dim(-1) != in) fail("linear: input has ", x.dim(-1), " features, weight expects ", in);
-  if (tokens == 0) return;
+void CudaBackend::gemm(const DeviceTensor& x, const void* weight, int64_t in, int64_t outf, int64_t tokens,
+                       DeviceTensor& out) {
   // Row-major out[T, out] = x[T, in] W[out, in]^T is column-major out^T = W^T(op T) x^T.
   const float alpha = 1.f, beta = 0.f;
   const cudaDataType type = cuda_type(x.dtype);
   LMD_CUBLAS_CHECK(cublasGemmEx(state_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(outf), int(tokens), int(in),
-                                &alpha, w.weight.data, type, int(in), x.data, type, int(in), &beta, out.data,
+                                &alpha, weight, type, int(in), x.data, type, int(in), &beta, out.data,
                                 cuda_type(out.dtype), int(outf), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTensor& out) {
+  if (!w.is_int4()) require_same(x, w.weight, "linear");
+  // The output may be fp32 from 16-bit inputs (the logits: fp16 logits tie and flip greedy choices).
+  if (out.dtype != x.dtype && !(out.dtype == DType::F32 && w.bias.empty() && !w.is_int4()))
+    require_same(x, out, "linear");
+  const int64_t in = w.in_features, outf = w.out_features, tokens = x.numel() / in;
+  if (x.dim(-1) != in) fail("linear: input has ", x.dim(-1), " features, weight expects ", in);
+  if (tokens == 0) return;
+  auto grow = [&](DeviceTensor& t, DType dtype, int64_t n) {
+    if (t.numel() >= n) return false;
+    t = alloc(dtype, {n});
+    return true;
+  };
+  if (!w.is_int4()) {
+    gemm(x, w.weight.data, in, outf, tokens, out);
+  } else if (tokens < state_->w4_dense_from && tokens <= cuda::kW4GemvMaxRows) {
+    const cuda::W4Plan plan = cuda::w4a16_plan(int(tokens), int(in), int(outf), state_->sms);
+    grow(state_->w4_partials, DType::F32, plan.partial_floats());
+    if (grow(state_->w4_counters, DType::I32, plan.blocks_n))
+      LMD_CUDA_CHECK(
+          cudaMemsetAsync(state_->w4_counters.data, 0, state_->w4_counters.nbytes(), state_->stream));
+    cuda::w4a16_gemv(x.dtype, x.data, int(in), w.group_size, w.qweight.as<int32_t>(), w.scales.data, plan,
+                     state_->w4_partials.as<float>(), state_->w4_counters.as<int>(), out.data,
+                     state_->stream);
+  } else {
+    DeviceTensor& dense = state_->w4_dense;
+    if (dense.dtype != x.dtype) dense = {};
+    grow(dense, x.dtype, in * outf);
+    cuda::w4a16_dequantize(x.dtype, int(in), int(outf), w.group_size, w.qweight.as<int32_t>(), w.scales.data,
+                           dense.data, state_->stream);
+    gemm(x, dense.data, in, outf, tokens, out);
+  }
   if (!w.bias.empty()) {
     require_same(x, w.bias, "linear bias");
     cuda::add_bias(x.dtype, out.data, w.bias.data, tokens, int(outf), state_->stream);
   }
 }
+
+void CudaBackend::set_w4a16_dense_from(int rows) { state_->w4_dense_from = rows; }
 
 void CudaBackend::rope_kv_write(DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
                                 const RopeConfig& rope, KvCacheStorage& cache) {

@@ -1,8 +1,8 @@
-// lmd_cuda_bench: the batch-1 decode step of a Llama-2-7B-shaped model (32 layers, hidden 4096, 32
-// heads, MLP 11008, vocab 32000, random fp16 weights) through CudaBackend's ops at a fixed context, timed
-// with CUDA events (median of many steps), against the bandwidth floor of BRIEF §8: bytes read per token
-// over the measured device-to-device copy bandwidth. Also times the linears alone, the step replayed as a
-// CUDA graph, and a 1024-token prefill.
+// lmd_cuda_bench [--w4a16]: the batch-1 decode step of a Llama-2-7B-shaped model (32 layers, hidden
+// 4096, 32 heads, MLP 11008, vocab 32000, random fp16 or int4 weights) through CudaBackend's ops at a fixed
+// context, timed with CUDA events (median of many steps), against the bandwidth floor of BRIEF §8: bytes read
+// per token over the measured device-to-device copy bandwidth. Also times the linears alone, the step
+// replayed as a CUDA graph, and a 1024-token prefill.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -10,44 +10,19 @@
 #include <functional>
 #include <map>
 #include <random>
+#include <string>
 #include <vector>
 
+#include "bench_util.h"
 #include "lmd/core/error.h"
 #include "lmd/cuda/cuda_backend.h"
 
 using namespace lmd;
+using namespace lmd::bench;
 
 namespace {
 
-#define CHECK_CUDA(call)                                            \
-  do {                                                              \
-    const cudaError_t e = (call);                                   \
-    if (e != cudaSuccess) fail(#call, ": ", cudaGetErrorString(e)); \
-  } while (0)
-
 constexpr int kHidden = 4096, kHeads = 32, kHeadDim = 128, kInter = 11008, kLayers = 32, kVocab = 32000;
-
-// Median milliseconds of `reps` runs of `fn` on `stream`, after `warmup` runs.
-double median_ms(cudaStream_t stream, int warmup, int reps, const std::function<void()>& fn) {
-  for (int i = 0; i < warmup; ++i) fn();
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  std::vector<float> ms;
-  for (int i = 0; i < reps; ++i) {
-    CHECK_CUDA(cudaEventRecord(start, stream));
-    fn();
-    CHECK_CUDA(cudaEventRecord(stop, stream));
-    CHECK_CUDA(cudaEventSynchronize(stop));
-    float t = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&t, start, stop));
-    ms.push_back(t);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
 
 struct Layer {
   DeviceTensor attn_norm, ffn_norm;
@@ -56,7 +31,11 @@ struct Layer {
 
 }  // namespace
 
-int main() try {
+int main(int argc, char** argv) try {
+  // --w4a16: the decoder linears are int4 (random AWQ codes, group 128) as an AWQ checkpoint loads them;
+  // embeddings, norms and lm_head stay fp16.
+  const bool int4 = argc > 1 && std::string(argv[1]) == "--w4a16";
+  if (argc > 1 && !int4) fail("usage: lmd_cuda_bench [--w4a16]");
   if (!cuda_device_available()) fail("no CUDA device");
   CudaBackend be;
   auto stream = static_cast<cudaStream_t>(be.stream());
@@ -73,9 +52,9 @@ int main() try {
   size_t weight_bytes = 0;
   auto fill_random = [&](DeviceTensor& t) {
     for (size_t off = 0; off < t.nbytes(); off += pattern.nbytes())
-      CHECK_CUDA(cudaMemcpyAsync(static_cast<char*>(t.data) + off, pattern.data,
-                                 std::min(pattern.nbytes(), t.nbytes() - off), cudaMemcpyDeviceToDevice,
-                                 stream));
+      LMD_BENCH_CHECK(cudaMemcpyAsync(static_cast<char*>(t.data) + off, pattern.data,
+                                      std::min(pattern.nbytes(), t.nbytes() - off), cudaMemcpyDeviceToDevice,
+                                      stream));
   };
   auto random_tensor = [&](Shape shape) {
     DeviceTensor t = be.alloc(DType::F16, std::move(shape));
@@ -83,7 +62,15 @@ int main() try {
     weight_bytes += t.nbytes();
     return t;
   };
+  std::map<std::pair<int64_t, int64_t>, LinearWeight> awq;  // one random AWQ tensor set per shape
   auto linear = [&](int64_t out, int64_t in) {
+    if (int4 && out != kVocab) {
+      auto it = awq.find({out, in});
+      if (it == awq.end()) it = awq.emplace(std::pair{out, in}, random_awq(rng, in, out, 128)).first;
+      DeviceLinear l = be.prepare_linear(it->second, DType::F16);
+      weight_bytes += l.qweight.nbytes() + l.scales.nbytes();
+      return l;
+    }
     DeviceLinear l;
     l.weight = random_tensor({out, in});
     l.in_features = in;
@@ -157,15 +144,7 @@ int main() try {
   const double bytes = double(weight_bytes) + kv_bytes;
   const double linear_bytes = double(weight_bytes) - double(kLayers * 2 + 1) * kHidden * 2;
 
-  // Device-to-device copy: 2 GiB each way, counting bytes read plus bytes written.
-  DeviceTensor src = be.alloc(DType::U8, {int64_t(2) << 30}), dst = be.alloc(DType::U8, {int64_t(2) << 30});
-  CHECK_CUDA(cudaMemsetAsync(src.data, 1, src.nbytes(), stream));
-  const double copy_ms = median_ms(stream, 3, 20, [&] {
-    CHECK_CUDA(cudaMemcpyAsync(dst.data, src.data, src.nbytes(), cudaMemcpyDeviceToDevice, stream));
-  });
-  const double copy_gbs = 2.0 * src.nbytes() / copy_ms / 1e6;
-  src = {};
-  dst = {};
+  const auto [copy_ms, copy_gbs] = copy_bandwidth(be, stream);
 
   const double lin_ms = median_ms(stream, 3, 50, [&] { step(1, context, true); });
   const double step_ms = median_ms(stream, 3, 50, [&] { step(1, context, false); });
@@ -178,7 +157,7 @@ int main() try {
     step(1, context, false);
     if (cudaStreamEndCapture(stream, &graph) == cudaSuccess &&
         cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess) {
-      graph_ms = median_ms(stream, 3, 50, [&] { CHECK_CUDA(cudaGraphLaunch(exec, stream)); });
+      graph_ms = median_ms(stream, 3, 50, [&] { LMD_BENCH_CHECK(cudaGraphLaunch(exec, stream)); });
     }
   }
   cudaGetLastError();
@@ -204,12 +183,13 @@ int main() try {
 
   const double floor_ms = bytes / (copy_gbs * 1e6);
   std::printf(
-      "\n| measurement (Llama-2-7B shape, fp16, batch 1, context %d) | time | rate | achieved | vs floor |\n",
-      context);
+      "\n| measurement (Llama-2-7B shape, %s, batch 1, context %d) | time | rate | achieved | vs floor |\n",
+      int4 ? "W4A16 g128" : "fp16", context);
   std::printf("|---|---|---|---|---|\n");
   std::printf("| device-to-device copy, 2 GiB | %.3f ms | | %.0f GB/s (read+write) | |\n", copy_ms, copy_gbs);
-  std::printf("| 4 linears x 32 layers + lm_head (cuBLAS) | %.3f ms | | %.0f GB/s | %.0f%% |\n", lin_ms,
-              linear_bytes / lin_ms / 1e6, 100.0 * (linear_bytes / (copy_gbs * 1e6)) / lin_ms);
+  std::printf("| 4 linears x 32 layers + lm_head (%s) | %.3f ms | | %.0f GB/s | %.0f%% |\n",
+              int4 ? "W4A16 GEMV, lm_head cuBLAS" : "cuBLAS", lin_ms, linear_bytes / lin_ms / 1e6,
+              100.0 * (linear_bytes / (copy_gbs * 1e6)) / lin_ms);
   std::printf("| decode step, all ops (%.2f GB read) | %.3f ms | %.1f tok/s | %.0f GB/s | %.0f%% |\n",
               bytes / 1e9, step_ms, 1e3 / step_ms, bytes / step_ms / 1e6, 100.0 * floor_ms / step_ms);
   if (graph_ms > 0)

@@ -50,11 +50,18 @@ class CudaBackend final : public Backend {
 
   // The stream every op is queued on (for timing with events and graph capture).
   void* stream() const;
+  // int4 linears of at least `rows` rows dequantize to a dense weight and use cuBLAS, fewer run the
+  // tensor-core GEMV (at most 64 rows). The default is the measured crossover; tests and benchmarks
+  // force each path with this.
+  void set_w4a16_dense_from(int rows);
 
  private:
   // Copies `values` to the device unless they equal what `slot` holds already (the per-step batch
   // metadata is the same for every layer, so it is uploaded once per step, not once per layer).
   const int* upload_meta(int slot, const std::vector<int>& values);
+  // out[tokens, outf] = x W^T for a dense [outf, in] weight in x's dtype, through cuBLAS.
+  void gemm(const DeviceTensor& x, const void* weight, int64_t in, int64_t outf, int64_t tokens,
+            DeviceTensor& out);
 
   std::unique_ptr<CudaState> state_;
   std::optional<DType> activation_;

@@ -1,0 +1,52 @@
+// W4A16 linears: int4 weights (AWQ, BRIEF §5) re-laid once at load into tiles that the tensor-core
+// GEMV reads with one 16-byte load per lane, and the two ways of running them (docs/formats.md, W4A16).
+//
+// Tiled layout, for a linear of K inputs and N outputs (K % 64 == 0, N % 32 == 0):
+//   qweight int32 [N/16][K/64][32 lanes][4]: tile (nt, kt) covers outputs 16nt..16nt+15 and inputs
+//     64kt..64kt+63. Lane L = 4g + t holds one int32 per 16-input step s (0..3); its nibbles are, in
+//     order 0..7, the weights (n, k) = (g, 2t), (g+8, 2t), (g, 2t+8), (g+8, 2t+8), (g, 2t+1),
+//     (g+8, 2t+1), (g, 2t+9), (g+8, 2t+9), n relative to 16nt and k to 64kt + 16s. Those are the A
+//     fragment of mma.m16n8k16 (rows = outputs), and the magic-number decode below yields the fragment's
+//     four half2 registers directly: ((v >> 4i) & 0x000f000f) | 0x64006400 = (1024 + nib i,
+//     1024 + nib i+4).
+//   meta fp16 [K/group][N/16][8 rows g][4]: (1024 + zero of output g, 1024 + zero of g + 8, scale of g,
+//     scale of g + 8): the 8 bytes one lane needs per tile and group.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "lmd/core/dtype.h"
+
+namespace lmd::cuda {
+
+inline bool w4a16_supported(int64_t in, int64_t out, int group) {
+  return in % 64 == 0 && out % 32 == 0 && (group == 32 || group % 64 == 0) && in % group == 0;
+}
+
+// AWQ qweight int32 [K, N/8], qzeros int32 [K/group, N/8], scales fp16 [K/group, N] (device) -> the
+// tiled qweight (K*N/8 int32) and meta (K/group * N * 2 fp16).
+void w4a16_relayout(const int32_t* awq_qweight, const int32_t* awq_qzeros, const void* awq_scales, int K,
+                    int N, int group, int32_t* qweight, void* meta, cudaStream_t stream);
+
+// Split-K plan of one GEMV launch: `splits` ranges of `k_tiles` 64-input tiles; each block owns 32
+// outputs of one range.
+struct W4Plan {
+  int M = 0, N = 0, blocks_n = 0, splits = 1, k_tiles = 0;
+  int64_t partial_floats() const { return splits > 1 ? int64_t(splits) * M * N : 0; }
+};
+// M: rows of x (1..kW4GemvMaxRows); sms: multiprocessors of the device.
+W4Plan w4a16_plan(int M, int K, int N, int sms);
+inline constexpr int kW4GemvMaxRows = 64;
+
+// out[M, N] = x[M, K] W^T in `dtype` (F16, BF16 or F32; weights and x meet in fp16 on the tensor cores,
+// accumulation in fp32). `partials` holds plan.partial_floats() floats and `counters` plan.blocks_n
+// ints that are zero (the last block of each column range sets its counter back to zero).
+void w4a16_gemv(DType dtype, const void* x, int K, int group, const int32_t* qweight, const void* meta,
+                const W4Plan& plan, float* partials, int* counters, void* out, cudaStream_t stream);
+
+// The dense weight [N, K] in `dtype` (for cuBLAS at larger M): (q - zero) * scale, rounded once.
+void w4a16_dequantize(DType dtype, int K, int N, int group, const int32_t* qweight, const void* meta,
+                      void* dense, cudaStream_t stream);
+
+}  // namespace lmd::cuda

@@ -1,0 +1,118 @@
+// lmd_bench_w4a16: the W4A16 linears of a Llama-2-7B-shaped model (32 layers of fused qkv 4096 -> 12288,
+// o 4096 -> 4096, gate|up 4096 -> 22016, down 11008 -> 4096; random AWQ codes, group 128) through
+// CudaBackend::linear, timed with CUDA events (medians) over all 32 layers, so that every call reads its
+// weights from device memory, not from L2:
+//   1. rows = 1, the tensor-core GEMV: effective bandwidth = AWQ bytes (codes + zeros + scales) / time,
+//      against the measured device-to-device copy bandwidth;
+//   2. rows 1..256: GEMV, dequantize + cuBLAS, and the fp16 cuBLAS path on the same shapes (the
+//      crossover that CudaBackend's default follows).
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "bench_util.h"
+#include "lmd/cuda/cuda_backend.h"
+
+using namespace lmd;
+using namespace lmd::bench;
+
+namespace {
+
+constexpr int kLayers = 32, kGroup = 128;
+
+struct LinearShape {
+  const char* name;
+  int64_t in, out;
+};
+constexpr LinearShape kShapes[] = {{"qkv 4096->12288", 4096, 12288},
+                                   {"o 4096->4096", 4096, 4096},
+                                   {"gate_up 4096->22016", 4096, 22016},
+                                   {"down 11008->4096", 11008, 4096}};
+
+}  // namespace
+
+int main() try {
+  if (!cuda_device_available()) fail("no CUDA device");
+  CudaBackend be;
+  auto stream = static_cast<cudaStream_t>(be.stream());
+  std::printf("device: %s\n", cuda_device_name().c_str());
+  const auto [copy_ms, copy_gbs] = copy_bandwidth(be, stream);
+
+  // Per shape: 32 int4 copies (one random host tensor uploaded 32 times) and 32 fp16 copies.
+  std::mt19937 rng(1);
+  std::vector<std::vector<DeviceLinear>> int4(4), dense(4);
+  for (int s = 0; s < 4; ++s) {
+    const LinearShape& sh = kShapes[s];
+    const LinearWeight awq = random_awq(rng, sh.in, sh.out, kGroup);
+    std::uniform_real_distribution<float> u(-0.05f, 0.05f);
+    std::vector<float> w(sh.in * sh.out);
+    for (float& v : w) v = u(rng);
+    LinearWeight fp16;
+    fp16.weight = HostTensor::from_f32(w, {sh.out, sh.in}, DType::F16);
+    for (int l = 0; l < kLayers; ++l) {
+      int4[s].push_back(be.prepare_linear(awq, DType::F16));
+      dense[s].push_back(be.prepare_linear(fp16, DType::F16));
+    }
+  }
+  be.synchronize();
+
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  auto activations = [&](int64_t rows, int64_t cols) {
+    std::vector<float> v(rows * cols);
+    for (float& x : v) x = u(rng);
+    return be.upload(HostTensor::from_f32(v, {rows, cols}), DType::F16);
+  };
+  // All four linears of all layers, `rows` rows each.
+  auto run_all = [&](int rows, const std::vector<std::vector<DeviceLinear>>& set, int shape = -1) {
+    std::vector<DeviceTensor> x, y;
+    for (const LinearShape& sh : kShapes) {
+      x.push_back(activations(rows, sh.in));
+      y.push_back(be.alloc(DType::F16, {rows, sh.out}));
+    }
+    return median_ms(stream, 3, 20, [&] {
+      for (int l = 0; l < kLayers; ++l)
+        for (int s = 0; s < 4; ++s)
+          if (shape < 0 || shape == s) be.linear(x[s], set[s][l], y[s]);
+    });
+  };
+
+  std::printf("\n| W4A16 GEMV, 1 row, x %d layers | per call | effective GB/s | of copy bandwidth |\n",
+              kLayers);
+  std::printf("|---|---|---|---|\n");
+  be.set_w4a16_dense_from(65);
+  double total_bytes = 0;
+  for (int s = 0; s < 4; ++s) {
+    const double ms = run_all(1, int4, s), bytes = awq_bytes(kShapes[s].in, kShapes[s].out, kGroup);
+    total_bytes += bytes;
+    std::printf("| %s | %.1f us | %.0f | %.0f%% |\n", kShapes[s].name, ms * 1e3 / kLayers,
+                bytes * kLayers / ms / 1e6, 100.0 * bytes * kLayers / ms / 1e6 / copy_gbs);
+  }
+  const double all_ms = run_all(1, int4);
+  std::printf("| all four, %.2f GB | %.3f ms | %.0f | %.0f%% |\n", total_bytes * kLayers / 1e9, all_ms,
+              total_bytes * kLayers / all_ms / 1e6, 100.0 * total_bytes * kLayers / all_ms / 1e6 / copy_gbs);
+  std::printf("| device-to-device copy, 2 GiB (read + write) | %.3f ms | %.0f | 100%% |\n", copy_ms,
+              copy_gbs);
+
+  std::printf("\n| rows | fp16 cuBLAS | W4A16 GEMV | W4A16 dequant + cuBLAS | best W4A16 vs fp16 |\n");
+  std::printf("|---|---|---|---|---|\n");
+  for (int rows : {1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256}) {
+    const double fp16_ms = run_all(rows, dense);
+    double gemv_ms = -1;
+    if (rows <= 64) {
+      be.set_w4a16_dense_from(65);
+      gemv_ms = run_all(rows, int4);
+    }
+    be.set_w4a16_dense_from(0);
+    const double deq_ms = run_all(rows, int4);
+    const double best = gemv_ms > 0 ? std::min(gemv_ms, deq_ms) : deq_ms;
+    char gemv[32] = "-";
+    if (gemv_ms > 0) std::snprintf(gemv, sizeof gemv, "%.3f ms", gemv_ms);
+    std::printf("| %d | %.3f ms | %s | %.3f ms | %.2fx |\n", rows, fp16_ms, gemv, deq_ms, fp16_ms / best);
+  }
+  return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "lmd_bench_w4a16: %s\n", e.what());
+  return 1;
+}
