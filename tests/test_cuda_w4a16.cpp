@@ -7,6 +7,7 @@
 #include <random>
 
 #include "cuda_test_support.h"
+#include "lmd/core/random_checkpoint.h"
 #include "lmd/cuda/cuda_backend.h"
 #include "lmd/engine/cpu_backend.h"
 #include "lmd/engine/model.h"
@@ -14,27 +15,6 @@
 
 using namespace lmd;
 using namespace lmd::test;
-
-namespace {
-
-// An AWQ linear of random codes, zeros and scales (in inputs, out outputs).
-LinearWeight random_awq(std::mt19937& rng, int64_t in, int64_t out, int group) {
-  auto words = [&](int64_t rows) {
-    HostTensor t(DType::I32, {rows, out / 8});
-    for (int64_t i = 0; i < t.numel(); ++i) t.mutable_data_as<int32_t>()[i] = int32_t(rng());
-    return t;
-  };
-  std::uniform_real_distribution<float> scale(0.002f, 0.02f);
-  std::vector<float> scales(in / group * out);
-  for (float& s : scales) s = scale(rng);
-  LinearWeight w;
-  w.qweight = words(in);
-  w.qzeros = words(in / group);
-  w.scales = HostTensor::from_f32(scales, {in / group, out}, DType::F16);
-  return w;
-}
-
-}  // namespace
 
 TEST_CASE("cuda w4a16: int4 linears match the CPU dequant reference", "[gpu][w4a16]") {
   LMD_REQUIRE_GPU();
@@ -51,7 +31,7 @@ TEST_CASE("cuda w4a16: int4 linears match the CPU dequant reference", "[gpu][w4a
       {4096, 4096, {32, 64, 128}}, {4096, 11008, {128}}, {11008, 4096, {32, 64, 128}}, {4096, 12288, {128}}};
   for (const Shape2& sh : shapes)
     for (int group : sh.groups) {
-      const LinearWeight w = random_awq(rng, sh.in, sh.out, group);
+      const LinearWeight w = random_awq_linear(rng, sh.in, sh.out, group);
       const DeviceLinear cl = cpu.prepare_linear(w, DType::F32);
       const DeviceLinear g16 = gpu.prepare_linear(w, DType::F16), g_bf = gpu.prepare_linear(w, DType::BF16);
       REQUIRE(g16.is_int4());

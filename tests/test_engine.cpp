@@ -28,7 +28,8 @@ std::vector<int> greedy_decode(Model& model, const std::vector<int>& prompt, int
   KvCacheStorage cache = model.backend().alloc_kv_cache(
       model.kv_layout(blocks_for(total, block_len), block_len, 0), model.activation_dtype());
   std::vector<int> blocks(blocks_for(total, block_len));
-  for (size_t i = 0; i < blocks.size(); ++i) blocks[i] = int(blocks.size() - 1 - i);  // not in order on purpose
+  for (size_t i = 0; i < blocks.size(); ++i)
+    blocks[i] = int(blocks.size() - 1 - i);  // not in order on purpose
   std::vector<int> out;
   std::vector<int> ids = prompt;
   int context = 0;
@@ -45,8 +46,8 @@ std::vector<int> greedy_decode(Model& model, const std::vector<int>& prompt, int
 }
 
 std::vector<float> last_logits(Model& model, const std::vector<int>& prompt) {
-  KvCacheStorage cache =
-      model.backend().alloc_kv_cache(model.kv_layout(blocks_for(int(prompt.size()), 64), 64, 0), model.activation_dtype());
+  KvCacheStorage cache = model.backend().alloc_kv_cache(
+      model.kv_layout(blocks_for(int(prompt.size()), 64), 64, 0), model.activation_dtype());
   BatchLayout batch;
   std::vector<int> blocks(blocks_for(int(prompt.size()), 64));
   for (size_t i = 0; i < blocks.size(); ++i) blocks[i] = int(i);
@@ -54,13 +55,19 @@ std::vector<float> last_logits(Model& model, const std::vector<int>& prompt) {
   return model.forward(prompt, batch, cache);
 }
 
-std::vector<int> engine_generate(Engine& engine, std::vector<int> prompt, int n, uint64_t session = 0,
-                                 bool keep = false) {
+// A greedy request for `n` tokens that ignores eos.
+Request greedy_request(std::vector<int> prompt, int n) {
   Request r;
   r.prompt = std::move(prompt);
   r.gen.max_new_tokens = n;
   r.gen.sampling.temperature = 0;
   r.gen.ignore_eos = true;
+  return r;
+}
+
+std::vector<int> engine_generate(Engine& engine, std::vector<int> prompt, int n, uint64_t session = 0,
+                                 bool keep = false) {
+  Request r = greedy_request(std::move(prompt), n);
   r.session_id = session;
   r.keep_session = keep;
   auto stream = engine.submit(std::move(r));
@@ -109,8 +116,9 @@ TEST_CASE("reference logits match transformers within 1e-4", "[engine]") {
   for (const char* name : {"stories260K", "wt2-llama-22m"}) {
     INFO(name);
     auto model = Model::load(test::model_dir(name), cpu);
-    const json ref = read_json(test::model_dir(name) / (std::string(name) == "stories260K" ? "reference_logits.json"
-                                                                                           : "reference.json"));
+    const json ref =
+        read_json(test::model_dir(name) /
+                  (std::string(name) == "stories260K" ? "reference_logits.json" : "reference.json"));
     for (const auto& [prompt, data] : ref["prompts"].items()) {
       const std::vector<int> ids = data["input_ids"];
       const std::vector<float> expected = data["last_logits"];
@@ -156,14 +164,7 @@ TEST_CASE("engine: batching, chunked prefill, sessions and preemption give singl
     cfg.max_prefill_tokens = 7;  // forces chunked prefill beside running decodes
     Engine engine(*model, cfg);
     std::vector<std::shared_ptr<RequestStream>> streams;
-    for (auto& p : prompts) {
-      Request r;
-      r.prompt = p;
-      r.gen.max_new_tokens = 24;
-      r.gen.sampling.temperature = 0;
-      r.gen.ignore_eos = true;
-      streams.push_back(engine.submit(r));
-    }
+    for (auto& p : prompts) streams.push_back(engine.submit(greedy_request(p, 24)));
     for (size_t i = 0; i < streams.size(); ++i) {
       std::vector<int> got;
       TokenEvent ev;
@@ -178,14 +179,7 @@ TEST_CASE("engine: batching, chunked prefill, sessions and preemption give singl
     cfg.num_blocks = 8;  // 128 tokens for 8 sequences of up to ~68 tokens
     Engine engine(*model, cfg);
     std::vector<std::shared_ptr<RequestStream>> streams;
-    for (auto& p : prompts) {
-      Request r;
-      r.prompt = p;
-      r.gen.max_new_tokens = 24;
-      r.gen.sampling.temperature = 0;
-      r.gen.ignore_eos = true;
-      streams.push_back(engine.submit(r));
-    }
+    for (auto& p : prompts) streams.push_back(engine.submit(greedy_request(p, 24)));
     for (size_t i = 0; i < streams.size(); ++i) {
       std::vector<int> got;
       TokenEvent ev;

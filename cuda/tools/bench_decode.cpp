@@ -66,7 +66,7 @@ int main(int argc, char** argv) try {
   auto linear = [&](int64_t out, int64_t in) {
     if (int4 && out != kVocab) {
       auto it = awq.find({out, in});
-      if (it == awq.end()) it = awq.emplace(std::pair{out, in}, random_awq(rng, in, out, 128)).first;
+      if (it == awq.end()) it = awq.emplace(std::pair{out, in}, random_awq_linear(rng, in, out, 128)).first;
       DeviceLinear l = be.prepare_linear(it->second, DType::F16);
       weight_bytes += l.qweight.nbytes() + l.scales.nbytes();
       return l;

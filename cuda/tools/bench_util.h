@@ -10,6 +10,7 @@
 
 #include "lmd/core/checkpoint.h"
 #include "lmd/core/error.h"
+#include "lmd/core/random_checkpoint.h"
 #include "lmd/engine/backend.h"
 
 namespace lmd::bench {
@@ -50,23 +51,6 @@ inline std::pair<double, double> copy_bandwidth(Backend& be, cudaStream_t stream
     LMD_BENCH_CHECK(cudaMemcpyAsync(dst.data, src.data, src.nbytes(), cudaMemcpyDeviceToDevice, stream));
   });
   return {ms, 2.0 * double(src.nbytes()) / ms / 1e6};
-}
-
-// An AWQ linear (in inputs, out outputs) of random codes and zeros and scales in [0.002, 0.02).
-inline LinearWeight random_awq(std::mt19937& rng, int64_t in, int64_t out, int group) {
-  auto words = [&](int64_t rows) {
-    HostTensor t(DType::I32, {rows, out / 8});
-    for (int64_t i = 0; i < t.numel(); ++i) t.mutable_data_as<int32_t>()[i] = int32_t(rng());
-    return t;
-  };
-  std::uniform_real_distribution<float> scale(0.002f, 0.02f);
-  std::vector<float> scales(in / group * out);
-  for (float& s : scales) s = scale(rng);
-  LinearWeight w;
-  w.qweight = words(in);
-  w.qzeros = words(in / group);
-  w.scales = HostTensor::from_f32(scales, {in / group, out}, DType::F16);
-  return w;
 }
 
 // Bytes of an AWQ linear as the checkpoint stores them: 4-bit codes, 4-bit zeros, fp16 scales.

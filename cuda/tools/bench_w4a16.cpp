@@ -45,7 +45,7 @@ int main() try {
   std::vector<std::vector<DeviceLinear>> int4(4), dense(4);
   for (int s = 0; s < 4; ++s) {
     const LinearShape& sh = kShapes[s];
-    const LinearWeight awq = random_awq(rng, sh.in, sh.out, kGroup);
+    const LinearWeight awq = random_awq_linear(rng, sh.in, sh.out, kGroup);
     std::uniform_real_distribution<float> u(-0.05f, 0.05f);
     std::vector<float> w(sh.in * sh.out);
     for (float& v : w) v = u(rng);

@@ -308,4 +308,20 @@ void write_random_checkpoint(const RandomModelShape& shape, const fs::path& dst,
   write_text_file(dst / "config.json", config_json(shape, layers, dtype, options.seed).dump(2) + "\n");
 }
 
+LinearWeight random_awq_linear(std::mt19937& rng, int64_t in, int64_t out, int group) {
+  auto words = [&](int64_t rows) {
+    HostTensor t(DType::I32, {rows, out / 8});
+    for (int64_t i = 0; i < t.numel(); ++i) t.mutable_data_as<int32_t>()[i] = int32_t(rng());
+    return t;
+  };
+  std::uniform_real_distribution<float> scale(0.002f, 0.02f);
+  std::vector<float> scales(in / group * out);
+  for (float& s : scales) s = scale(rng);
+  LinearWeight w;
+  w.qweight = words(in);
+  w.qzeros = words(in / group);
+  w.scales = HostTensor::from_f32(scales, {in / group, out}, DType::F16);
+  return w;
+}
+
 }  // namespace lmd

@@ -10,10 +10,12 @@
 #include <filesystem>
 #include <functional>
 #include <optional>
+#include <random>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "lmd/core/checkpoint.h"
 #include "lmd/core/dtype.h"
 
 namespace lmd {
@@ -58,5 +60,9 @@ using WriteProgress = std::function<void(uint64_t, uint64_t)>;
 // renamed when complete. Throws lmd::Error naming the file on any failure.
 void write_random_checkpoint(const RandomModelShape& shape, const std::filesystem::path& dst,
                              const RandomCheckpointOptions& options, const WriteProgress& progress = {});
+
+// An AWQ linear (`in` inputs, `out` outputs) of random codes and zeros, scales in [0.002, 0.02): the
+// shape and bytes of a real int4 layer, for kernel tests and benchmarks.
+LinearWeight random_awq_linear(std::mt19937& rng, int64_t in, int64_t out, int group);
 
 }  // namespace lmd
