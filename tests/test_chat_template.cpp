@@ -140,9 +140,55 @@ TEST_CASE("chat template: interactive turns add up to the full render", "[chat_t
   }
 }
 
+TEST_CASE("chat template: tool results in each model's own turns", "[chat_template]") {
+  // A call, two results in a row, then the generation prompt.
+  const std::vector<ChatMessage> messages = {
+      {"system", kSystem}, {"user", kUser1}, {"assistant", "CALL"}, {"tool", "22C"}, {"tool", "rain"}};
+  CHECK(ChatTemplate::builtin("internlm2").render(messages, true) ==
+        "<|im_start|>system\nYou are terse.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nCALL<|im_end|>\n"
+        "<|im_start|>environment name=<|plugin|>\n22C<|im_end|>\n"
+        "<|im_start|>environment name=<|plugin|>\nrain<|im_end|>\n"
+        "<|im_start|>assistant\n");
+  CHECK(ChatTemplate::builtin("llama3").render(messages, true) ==
+        "<|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nCALL<|eot_id|>"
+        "<|start_header_id|>ipython<|end_header_id|>\n\n22C<|eot_id|>"
+        "<|start_header_id|>ipython<|end_header_id|>\n\nrain<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n");
+  // Qwen2.5 gathers a run of results into one user turn.
+  CHECK(ChatTemplate::builtin("qwen").render(messages, true) ==
+        "<|im_start|>system\nYou are terse.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nCALL<|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n22C\n</tool_response>\n<tool_response>\nrain\n</tool_response>"
+        "<|im_end|>\n"
+        "<|im_start|>assistant\n");
+  // The ecosystems' names for the role are one role; a run ends at the next other message.
+  const std::vector<ChatMessage> named = {{"user", kUser1},       {"assistant", "CALL"},
+                                          {"environment", "22C"}, {"assistant", "CALL"},
+                                          {"ipython", "rain"},    {"user", kUser2}};
+  CHECK(ChatTemplate::parse(R"({"builtin": "qwen", "default_system": ""})").render(named, false) ==
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nCALL<|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n22C\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\nCALL<|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\nrain\n</tool_response><|im_end|>\n"
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n");
+  // The JSON form sets the fields too.
+  ChatTemplate custom = ChatTemplate::parse(
+      R"({"user_prefix": "U:", "user_suffix": "\n", "tool_prefix": "[", "tool_separator": "|", "tool_suffix": "]\n"})");
+  CHECK(custom.render({{"user", "q"}, {"tool", "a"}, {"tool", "b"}}, false) == "U:q\n[a|b]\n");
+}
+
 TEST_CASE("chat template: unsupported roles and names are errors", "[chat_template]") {
+  // Templates without a tool syntax have no tool results; no template has a role it does not know.
+  CHECK_THROWS_AS(ChatTemplate::builtin("llama2").render({{"tool", "{}"}}, true), lmd::Error);
+  CHECK_THROWS_AS(ChatTemplate::builtin("base").render({{"environment", "{}"}}, true), lmd::Error);
   ChatTemplate t = ChatTemplate::builtin("internlm2");
-  CHECK_THROWS_AS(t.render({{"tool", "{}"}}, true), lmd::Error);
+  CHECK_THROWS_AS(t.render({{"narrator", "{}"}}, true), lmd::Error);
   try {
     ChatTemplate::builtin("vicuna");
     FAIL("expected lmd::Error");

@@ -90,33 +90,115 @@ TEST_CASE("Malformed tool calls come back as plain content", "[server][tools]") 
     CHECK(parsed.content == text);
   }
   CHECK(parse_tool_calls(ToolFormat::None, " <tool_call>{}</tool_call> ").content ==
-        "<tool_call>{}</tool_call>");
+        " <tool_call>{}</tool_call> ");
 }
 
-TEST_CASE("Streamed replies split into content and tool calls at any token boundary", "[server][tools]") {
-  const std::string reply =
-      "Checking both.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n"
-      "</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
-  for (size_t piece : {size_t(1), size_t(3), size_t(7), reply.size()}) {
-    CAPTURE(piece);
-    ToolCallStream stream(ToolFormat::Qwen25);
-    std::string shown;
-    for (size_t pos = 0; pos < reply.size(); pos += piece) shown += stream.push(reply.substr(pos, piece));
-    const ParsedReply end = stream.finish();
-    CHECK(shown == "Checking both.\n");
-    CHECK(end.content.empty());
-    REQUIRE(end.calls.size() == 2);
-    CHECK(end.calls[1].name == "get_time");
+// A reply streamed in pieces of `piece` bytes: the content, the calls as a client accumulates them, and
+// the deltas of the calls.
+struct Streamed {
+  std::string content;
+  std::vector<ToolCall> calls;
+  std::vector<ToolCallDelta> deltas;
+  bool malformed = false;
+};
+
+Streamed stream_reply(ToolFormat format, const std::string& reply, size_t piece) {
+  ToolCallStream stream(format);
+  Streamed out;
+  auto add = [&](const ReplyDelta& d) {
+    out.content += d.content;
+    for (const ToolCallDelta& call : d.calls) {
+      if (!call.name.empty()) out.calls.push_back({call.name, ""});
+      REQUIRE(call.index + 1 == out.calls.size());
+      out.calls.back().arguments += call.arguments;
+      out.deltas.push_back(call);
+    }
+  };
+  for (size_t pos = 0; pos < reply.size(); pos += piece) add(stream.push(reply.substr(pos, piece)));
+  add(stream.finish());
+  out.malformed = stream.malformed();
+  return out;
+}
+
+TEST_CASE("Streamed tool calls arrive as a name, then argument fragments, at any token boundary",
+          "[server][tools]") {
+  const std::vector<std::pair<ToolFormat, std::string>> replies = {
+      {ToolFormat::InternLM2,
+       "Let me look.<|action_start|><|plugin|>\n{\"name\": \"get_weather\", \"parameters\": {\"city\": "
+       "\"Paris {\\\"}\", \"days\": [1, {\"x\": 2}]}}<|action_end|>"},
+      {ToolFormat::InternLM2,  // <|action_end|> is a stop word: the reply often ends before it
+       "Let me look.<|action_start|><|plugin|>\n{\"name\": \"get_weather\", \"parameters\": {\"city\": "
+       "\"Paris {\\\"}\", \"days\": [1, {\"x\": 2}]}}"},
+      {ToolFormat::Llama31,
+       "Let me look.<function=get_weather>{\"city\": \"Paris {\\\"}\", \"days\": [1, {\"x\": "
+       "2}]}</function>"},
+      {ToolFormat::Qwen25,
+       "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris {\\\"}\", "
+       "\"days\": [1, {\"x\": 2}]}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": "
+       "{}}\n</tool_call>"},
+  };
+  const std::string args = "{\"city\": \"Paris {\\\"}\", \"days\": [1, {\"x\": 2}]}";
+  for (const auto& [format, reply] : replies) {
+    const ParsedReply whole = parse_tool_calls(format, reply);
+    REQUIRE(!whole.calls.empty());
+    CHECK(whole.content == "Let me look.");
+    CHECK(whole.calls[0].name == "get_weather");
+    CHECK(whole.calls[0].arguments == args);  // the model's own text
+    for (size_t piece : {size_t(1), size_t(2), size_t(5), reply.size()}) {
+      CAPTURE(tool_format_name(format), piece);
+      const Streamed streamed = stream_reply(format, reply, piece);
+      CHECK_FALSE(streamed.malformed);
+      CHECK(streamed.content == "Let me look.");
+      REQUIRE(streamed.calls.size() == whole.calls.size());
+      for (size_t i = 0; i < whole.calls.size(); ++i) {
+        CHECK(streamed.calls[i].name == whole.calls[i].name);
+        CHECK(streamed.calls[i].arguments == whole.calls[i].arguments);
+      }
+      // The first delta names the call and has no arguments; the arguments follow as they arrive.
+      CHECK(streamed.deltas[0].name == "get_weather");
+      CHECK(streamed.deltas[0].arguments.empty());
+      const auto first_call_pieces = std::count_if(streamed.deltas.begin(), streamed.deltas.end(),
+                                                   [](const ToolCallDelta& d) { return d.index == 0; });
+      if (piece == 1) CHECK(size_t(first_call_pieces) == 1 + args.size());
+    }
   }
-  // A call that does not parse is shown as text after all; without a tool format everything is text.
+}
+
+TEST_CASE("Streamed calls in other shapes come whole; broken ones are content or stay calls",
+          "[server][tools]") {
+  // Arguments before the name, or as a string holding JSON: held until the call ends, then sent whole.
+  for (const std::string& reply :
+       {std::string("<tool_call>\n{\"arguments\": {\"n\": 1}, \"name\": \"f\"}\n</tool_call>"),
+        std::string("<tool_call>\n{\"name\": \"f\", \"arguments\": \"{\\\"n\\\": 1}\"}\n</tool_call>")}) {
+    CAPTURE(reply);
+    const Streamed streamed = stream_reply(ToolFormat::Qwen25, reply, 1);
+    REQUIRE(streamed.calls.size() == 1);
+    CHECK(streamed.calls[0].name == "f");
+    CHECK(streamed.calls[0].arguments == "{\"n\":1}");
+    CHECK(streamed.deltas.size() == 2);
+    CHECK(streamed.content.empty());
+  }
+  // A call that is not one after all is shown as text; without a tool format everything is text.
   const std::string broken = "Sure <tool_call>{not json</tool_call>";
+  for (size_t piece : {size_t(1), broken.size()}) {
+    const Streamed streamed = stream_reply(ToolFormat::Qwen25, broken, piece);
+    CHECK(streamed.calls.empty());
+    CHECK(streamed.content == broken);
+    CHECK(streamed.malformed);
+  }
+  CHECK(stream_reply(ToolFormat::None, broken, 3).content == broken);
+  // Text that only starts like a call marker, and whitespace before it, is held back until it is known.
   ToolCallStream stream(ToolFormat::Qwen25);
-  std::string shown = stream.push(broken);
-  const ParsedReply end = stream.finish();
-  CHECK(end.calls.empty());
-  CHECK(shown + end.content == broken);
-  ToolCallStream plain(ToolFormat::None);
-  CHECK(plain.push(broken) + plain.finish().content == broken);
+  CHECK(stream.push("a <tool").content == "a");
+  CHECK(stream.push("s>").content == " <tools>");
+  // A call announced and then cut short (max_tokens) stays a call in the stream: it cannot be taken
+  // back. Whole, the reply is plain content.
+  const std::string cut = "<function=f>{\"city\": \"Par";
+  const Streamed streamed = stream_reply(ToolFormat::Llama31, cut, 4);
+  REQUIRE(streamed.calls.size() == 1);
+  CHECK(streamed.calls[0].arguments == "{\"city\": \"Par");
+  CHECK(streamed.malformed);
+  CHECK(parse_tool_calls(ToolFormat::Llama31, cut).content == cut);
 }
 
 TEST_CASE("A rendered tool call parses back to itself in every format", "[server][tools]") {

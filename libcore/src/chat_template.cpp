@@ -40,9 +40,20 @@ ChatFormat im_start_format(std::string name, std::string_view default_system,
   return f;
 }
 
+// Each result of a run in a turn of its own.
+void tool_turns(ChatFormat& f, std::string prefix, std::string suffix) {
+  f.tool_separator = suffix + prefix;
+  f.tool_prefix = std::move(prefix);
+  f.tool_suffix = std::move(suffix);
+}
+
 std::vector<ChatFormat> builtin_formats() {
   std::vector<ChatFormat> formats;
-  formats.push_back(im_start_format("internlm2", kInternLMSystem, {"<|im_end|>", "<|action_end|>"}, true));
+  // LMDeploy's InternLM2 tool results: the `environment` role from the plugin.
+  ChatFormat internlm2 =
+      im_start_format("internlm2", kInternLMSystem, {"<|im_end|>", "<|action_end|>"}, true);
+  tool_turns(internlm2, "<|im_start|>environment name=<|plugin|>\n", "<|im_end|>\n");
+  formats.push_back(internlm2);
 
   ChatFormat internlm;
   internlm.name = "internlm";
@@ -79,9 +90,16 @@ std::vector<ChatFormat> builtin_formats() {
   llama3.assistant_prefix = "<|start_header_id|>assistant<|end_header_id|>\n\n";
   llama3.assistant_suffix = "<|eot_id|>";
   llama3.stop_words = {"<|eot_id|>", "<|end_of_text|>"};
+  // Llama 3.1 answers tool calls from the `ipython` role.
+  tool_turns(llama3, "<|start_header_id|>ipython<|end_header_id|>\n\n", "<|eot_id|>");
   formats.push_back(llama3);
 
-  formats.push_back(im_start_format("qwen", "You are a helpful assistant.", {"<|im_end|>"}, false));
+  // Qwen2.5's template: a run of results is one user turn of <tool_response> blocks.
+  ChatFormat qwen = im_start_format("qwen", "You are a helpful assistant.", {"<|im_end|>"}, false);
+  qwen.tool_prefix = "<|im_start|>user\n<tool_response>\n";
+  qwen.tool_separator = "\n</tool_response>\n<tool_response>\n";
+  qwen.tool_suffix = "\n</tool_response><|im_end|>\n";
+  formats.push_back(qwen);
 
   ChatFormat base;
   base.name = "base";
@@ -115,6 +133,10 @@ std::string chat_template_text(const json& config) {
     }
   }
   return all;
+}
+
+bool is_tool_role(std::string_view role) {
+  return role == "tool" || role == "environment" || role == "ipython";
 }
 
 bool contains(std::string_view text, std::string_view part) {
@@ -162,6 +184,9 @@ ChatTemplate ChatTemplate::from_json(std::string_view json_text, std::string_vie
       {"assistant_suffix", &format.assistant_suffix},
       {"separator", &format.separator},
       {"default_system", &format.default_system},
+      {"tool_prefix", &format.tool_prefix},
+      {"tool_separator", &format.tool_separator},
+      {"tool_suffix", &format.tool_suffix},
   };
   const std::vector<std::pair<const char*, bool*>> flag_fields = {
       {"system_in_first_user", &format.system_in_first_user},
@@ -188,8 +213,8 @@ ChatTemplate ChatTemplate::from_json(std::string_view json_text, std::string_vie
       fail("chat template ", source, ": unknown field \"", key,
            "\" (expected builtin, name, system_prefix, system_suffix, user_prefix, user_suffix, "
            "assistant_prefix, "
-           "reply_prefix, assistant_suffix, separator, default_system, system_in_first_user, stop_words, "
-           "add_bos)");
+           "reply_prefix, assistant_suffix, separator, default_system, tool_prefix, tool_separator, "
+           "tool_suffix, system_in_first_user, stop_words, add_bos)");
     }
   }
   return ChatTemplate(std::move(format));
@@ -245,9 +270,15 @@ std::string ChatTemplate::render(const std::vector<ChatMessage>& messages, bool 
     } else if (message.role == "assistant") {
       prompt += format_.assistant_prefix + format_.reply_prefix + message.content + format_.assistant_suffix +
                 format_.separator;
+    } else if (is_tool_role(message.role) && !format_.tool_prefix.empty()) {
+      const bool run_continues = i > 0 && is_tool_role(messages[i - 1].role);
+      const bool run_ends = i + 1 == messages.size() || !is_tool_role(messages[i + 1].role);
+      prompt += (run_continues ? format_.tool_separator : format_.tool_prefix) + message.content;
+      if (run_ends) prompt += format_.tool_suffix;
     } else {
       fail("chat message ", i, ": role '", message.role, "' is not supported by chat template '",
-           format_.name, "' (expected system, user or assistant)");
+           format_.name, "' (expected system, user or assistant",
+           format_.tool_prefix.empty() ? "" : ", or a tool result: tool, environment or ipython", ")");
     }
   }
   prompt += held_system;

@@ -376,6 +376,100 @@ class LimitsAndShutdownTest(unittest.TestCase):
             server.stop()
 
 
+class ScriptedServer:
+    """lmd_scripted_server: the real server and engine, but the model always writes `reply`."""
+
+    def __init__(self, chat_template, reply):
+        self.proc = subprocess.Popen([ARGS.scripted_server, os.path.join(ARGS.assets, "models", "stories260K"),
+                                      chat_template, reply], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("port "):
+            raise RuntimeError(f"lmd_scripted_server did not start: {line!r}")
+        self.url = f"http://127.0.0.1:{int(line.split()[1])}"
+
+    def stop(self):
+        self.proc.stdin.close()  # it serves until its stdin closes
+        self.proc.stdout.close()
+        return self.proc.wait(30)
+
+
+WEATHER_TOOLS = [{"type": "function", "function": {
+    "name": name, "description": f"{name} of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    for name in ("get_weather", "get_time")]
+
+
+class ToolCallTest(unittest.TestCase):
+    """Tool calls through the openai package, streamed and not, from a scripted model reply."""
+
+    # Per template: the scripted reply, and the content and calls (name, arguments) it must come back as.
+    CASES = {
+        "qwen": ('Checking both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                 '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"city": "Rome, \\"Italy\\""}}\n'
+                 '</tool_call>',
+                 "Checking both.", [("get_weather", {"city": "Paris"}), ("get_time", {"city": 'Rome, "Italy"'})]),
+        "llama3": ('<function=get_weather>{"city": "Paris"}</function>', None,
+                   [("get_weather", {"city": "Paris"})]),
+        "internlm2": ('Let me look.<|action_start|><|plugin|>\n{"name": "get_time", "parameters": '
+                      '{"city": "Oslo"}}<|action_end|>', "Let me look.", [("get_time", {"city": "Oslo"})]),
+    }
+
+    def setUp(self):
+        if openai is None:
+            self.skipTest("the openai package is not installed (pip install openai)")
+        if not ARGS.scripted_server:
+            self.skipTest("needs --scripted-server (tests/e2e/scripted_server.cpp)")
+
+    def check_calls(self, message, content, calls):
+        self.assertEqual(message.content, content)
+        self.assertEqual([(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls], calls)
+        self.assertEqual(len({c.id for c in message.tool_calls}), len(calls))
+        self.assertTrue(all(c.type == "function" and c.id.startswith("call_") for c in message.tool_calls))
+
+    def test_tool_calls_stream_as_deltas(self):
+        for template, (reply, content, calls) in self.CASES.items():
+            with self.subTest(template=template):
+                server = ScriptedServer(template, reply)
+                try:
+                    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+                    request = dict(model="stories260K", tools=WEATHER_TOOLS,
+                                   messages=[{"role": "user", "content": "Weather and time?"}])
+                    whole = client.chat.completions.create(**request).choices[0]
+                    self.assertEqual(whole.finish_reason, "tool_calls")
+                    self.check_calls(whole.message, content, calls)
+
+                    # The openai package's own accumulator puts the streamed deltas together.
+                    argument_pieces = 0
+                    with client.chat.completions.stream(**request) as stream:
+                        for event in stream:
+                            argument_pieces += event.type == "tool_calls.function.arguments.delta"
+                        final = stream.get_final_completion().choices[0]
+                    self.assertEqual(final.finish_reason, "tool_calls")
+                    self.check_calls(final.message, content or None, calls)
+                    # The arguments arrived in pieces as they were generated, not whole.
+                    self.assertGreater(argument_pieces, 3 * len(calls))
+
+                    # The raw chunks: a call opens with its id, type, name and empty arguments; the
+                    # pieces after it carry arguments only.
+                    chunks = client.chat.completions.create(**request, stream=True)
+                    opened = {}
+                    for chunk in chunks:
+                        delta = chunk.choices[0].delta if chunk.choices else None
+                        for call in (delta.tool_calls or []) if delta else []:
+                            if call.index not in opened:
+                                self.assertTrue(call.id and call.type == "function" and call.function.name)
+                                self.assertEqual(call.function.arguments, "")
+                                opened[call.index] = call.function.name
+                            else:
+                                self.assertIsNone(call.id)
+                                self.assertIsNone(call.function.name)
+                                self.assertTrue(call.function.arguments)
+                    self.assertEqual(list(opened.values()), [name for name, _ in calls])
+                finally:
+                    self.assertEqual(server.stop(), 0)
+
+
 def main():
     global ARGS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -383,6 +477,8 @@ def main():
     parser.add_argument("--assets", default=os.environ.get("LMD_TEST_ASSETS", "../shared"),
                         help="the shared test assets (models/stories260K)")
     parser.add_argument("--log-dir", default=None, help="where server logs go (default: a temporary folder)")
+    parser.add_argument("--scripted-server", default=None,
+                        help="lmd_scripted_server, for the tool-call tests (skipped without it)")
     ARGS, rest = parser.parse_known_args()
     if not os.path.isdir(os.path.join(ARGS.assets, "models", "stories260K")):
         print(f"shared test assets not found at {ARGS.assets}; skipped")

@@ -150,16 +150,29 @@ void append_completion_logprobs(json& into, const json& more) {
     for (const json& v : more[key]) into[key].push_back(v);
 }
 
-json tool_calls_json(const std::vector<ToolCall>& calls, bool with_index) {
+std::string tool_call_id() { return "call_" + random_hex(24); }
+
+json tool_calls_json(const std::vector<ToolCall>& calls) {
   json out = json::array();
-  for (size_t i = 0; i < calls.size(); ++i) {
-    json call = {{"id", "call_" + random_hex(24)},
-                 {"type", "function"},
-                 {"function", {{"name", calls[i].name}, {"arguments", calls[i].arguments}}}};
-    if (with_index) call["index"] = i;
-    out.push_back(std::move(call));
-  }
+  for (const ToolCall& call : calls)
+    out.push_back({{"id", tool_call_id()},
+                   {"type", "function"},
+                   {"function", {{"name", call.name}, {"arguments", call.arguments}}}});
   return out;
+}
+
+// A streamed call's piece as a `tool_calls` delta: the first one opens the call with its id, type and
+// name, later ones carry only argument fragments (what OpenAI's clients accumulate).
+json tool_call_delta_json(const ToolCallDelta& d) {
+  json call = {{"index", d.index}};
+  if (!d.name.empty()) {
+    call["id"] = tool_call_id();
+    call["type"] = "function";
+    call["function"] = {{"name", d.name}, {"arguments", d.arguments}};
+  } else {
+    call["function"] = {{"arguments", d.arguments}};
+  }
+  return json::array({call});
 }
 
 }  // namespace
@@ -354,10 +367,9 @@ void ApiServer::Impl::handle_chat(const httplib::Request& req, httplib::Response
 
   struct ChoiceState {
     explicit ChoiceState(ToolFormat format) : splitter(format) {}
-    ToolCallStream splitter;
-    std::string content;
+    ToolCallStream splitter;  // streamed responses
+    std::string text;         // non-streamed ones, parsed when complete
     std::vector<TokenLogprob> logprobs;
-    ParsedReply parsed;
     std::string finish_reason;
   };
   auto choices =
@@ -367,11 +379,9 @@ void ApiServer::Impl::handle_chat(const httplib::Request& req, httplib::Response
   const GenerationOptions opts = request.options;
   const std::string model_name = options.model_name;
   const Tokenizer& tokenizer = *m.tokenizer;
-
-  // The end of a choice: its remaining content and its calls; finish_reason tool_calls when it called.
-  auto finish_choice = [](ChoiceState& c, const ChoiceDelta& d) {
-    c.parsed = c.splitter.finish();
-    c.finish_reason = !c.parsed.calls.empty() && d.finish_reason == "stop" ? "tool_calls" : d.finish_reason;
+  // A reply that called tools ends with finish_reason tool_calls.
+  auto finish_reason = [](const std::string& reason, bool called) {
+    return called && reason == "stop" ? std::string("tool_calls") : reason;
   };
 
   if (!opts.stream) {
@@ -380,9 +390,9 @@ void ApiServer::Impl::handle_chat(const httplib::Request& req, httplib::Response
       const bool more = generation->poll(deltas, kPollInterval);
       for (const ChoiceDelta& d : deltas) {
         ChoiceState& c = (*choices)[d.index];
-        c.content += c.splitter.push(d.text);
+        c.text += d.text;
         c.logprobs.insert(c.logprobs.end(), d.logprobs.begin(), d.logprobs.end());
-        if (!d.finish_reason.empty()) finish_choice(c, d);
+        c.finish_reason = d.finish_reason;
         if (d.finish_reason == "error") {
           out = dump_json(error_body(500, "generation failed: " + d.error));
           return false;
@@ -395,16 +405,17 @@ void ApiServer::Impl::handle_chat(const httplib::Request& req, httplib::Response
                      {"model", model_name},
                      {"choices", json::array()}};
       for (size_t i = 0; i < choices->size(); ++i) {
-        ChoiceState& c = (*choices)[i];
-        const std::string content = c.content + c.parsed.content;
+        const ChoiceState& c = (*choices)[i];
+        const ParsedReply parsed = parse_tool_calls(tool_format, c.text);
+        const bool called = !parsed.calls.empty();
         json message = {{"role", "assistant"}};
-        message["content"] = content.empty() && !c.parsed.calls.empty() ? json() : json(content);
-        if (!c.parsed.calls.empty()) message["tool_calls"] = tool_calls_json(c.parsed.calls, false);
+        message["content"] = parsed.content.empty() && called ? json() : json(parsed.content);
+        if (called) message["tool_calls"] = tool_calls_json(parsed.calls);
         result["choices"].push_back(
             {{"index", i},
              {"message", message},
              {"logprobs", opts.logprobs >= 0 ? chat_logprobs(tokenizer, c.logprobs) : json()},
-             {"finish_reason", c.finish_reason}});
+             {"finish_reason", finish_reason(c.finish_reason, called)}});
       }
       result["usage"] = usage_json(generation->prompt_tokens(), generation->completion_tokens());
       out = dump_json(result);
@@ -431,22 +442,28 @@ void ApiServer::Impl::handle_chat(const httplib::Request& req, httplib::Response
     if (!*started) {
       *started = true;
       for (size_t i = 0; i < choices->size(); ++i)
-        chunk(i, {{"role", "assistant"}, {"content", ""}}, nullptr, nullptr);
+        // With tools, a reply may be calls alone, whose content is null as in the non-streamed message.
+        chunk(i,
+              tool_format == ToolFormat::None ? json{{"role", "assistant"}, {"content", ""}}
+                                              : json{{"role", "assistant"}},
+              nullptr, nullptr);
     }
     std::vector<ChoiceDelta> deltas;
     const bool more = generation->poll(deltas, kPollInterval);
     for (const ChoiceDelta& d : deltas) {
       ChoiceState& c = (*choices)[d.index];
-      const std::string shown = c.splitter.push(d.text);
-      const json logprobs = opts.logprobs >= 0 ? chat_logprobs(tokenizer, d.logprobs) : json();
-      if (!shown.empty() || !d.logprobs.empty()) chunk(d.index, {{"content", shown}}, logprobs, nullptr);
+      auto send = [&](const ReplyDelta& reply, const std::vector<TokenLogprob>& tokens) {
+        const json logprobs = opts.logprobs >= 0 ? chat_logprobs(tokenizer, tokens) : json();
+        if (!reply.content.empty() || !tokens.empty())
+          chunk(d.index, {{"content", reply.content}}, logprobs, nullptr);
+        for (const ToolCallDelta& call : reply.calls)
+          chunk(d.index, {{"tool_calls", tool_call_delta_json(call)}}, nullptr, nullptr);
+      };
+      send(c.splitter.push(d.text), d.logprobs);
       if (d.finish_reason.empty()) continue;
       if (d.finish_reason == "error") out += sse(error_body(500, "generation failed: " + d.error));
-      finish_choice(c, d);
-      if (!c.parsed.content.empty()) chunk(d.index, {{"content", c.parsed.content}}, nullptr, nullptr);
-      if (!c.parsed.calls.empty())
-        chunk(d.index, {{"tool_calls", tool_calls_json(c.parsed.calls, true)}}, nullptr, nullptr);
-      chunk(d.index, json::object(), nullptr, c.finish_reason);
+      send(c.splitter.finish(), {});
+      chunk(d.index, json::object(), nullptr, finish_reason(d.finish_reason, c.splitter.num_calls() > 0));
     }
     if (more) return true;
     if (opts.include_usage) {

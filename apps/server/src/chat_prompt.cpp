@@ -9,31 +9,20 @@ using nlohmann::json;
 
 namespace {
 
-// Turns in roles the template has no field for (InternLM2's `environment name=<|plugin|>`, Llama 3.1's
-// `ipython`) are written into the content of the message before them: that content is closed with the
-// template's turn suffix, the new turn's header follows, and the template's own suffix then closes the
-// new turn. This is exact when every role's turn ends with the same text, as in the im_start and
-// Llama 3 formats that these roles belong to.
-class TurnSplicer {
- public:
-  explicit TurnSplicer(const ChatFormat& format) : format_(format) {}
-
-  void append_turn(std::vector<ChatMessage>& messages, const std::string& role,
-                   const std::string& content) const {
-    const std::string& suffix = format_.user_suffix;
-    const size_t user = format_.user_prefix.find("user");
-    if (messages.empty() || user == std::string::npos || format_.system_suffix != suffix ||
-        format_.assistant_suffix + format_.separator != suffix)
-      invalid_param("messages",
-                    "chat template '" + format_.name + "' cannot express a '" + role + "' turn here");
-    std::string header = format_.user_prefix;
-    header.replace(user, 4, role);
-    messages.back().content += suffix + header + content;
-  }
-
- private:
-  const ChatFormat& format_;
-};
+// InternLM2's tool definitions are a turn in a role the template has no field for,
+// `system name=<|plugin|>`, so it is written into the content of the system message before it: that
+// content is closed with the template's turn suffix, the new turn's header follows, and the template's
+// own suffix then closes the new turn. This is exact when system and user turns end with the same
+// text, as in the im_start format this role belongs to.
+void splice_turn(const ChatFormat& format, ChatMessage& before, const std::string& role,
+                 const std::string& content) {
+  const size_t user = format.user_prefix.find("user");
+  if (user == std::string::npos || format.system_suffix != format.user_suffix)
+    invalid_param("messages", "chat template '" + format.name + "' cannot express a '" + role + "' turn");
+  std::string header = format.user_prefix;
+  header.replace(user, 4, role);
+  before.content += format.user_suffix + header + content;
+}
 
 json offered_functions(const ChatRequest& request) {
   if (request.tool_choice == "none") return json::array();
@@ -68,7 +57,6 @@ ToolFormat request_tool_format(const ChatTemplate& tmpl, const ChatRequest& requ
 
 std::string render_chat_prompt(const ChatTemplate& tmpl, const ChatRequest& request) {
   const ToolFormat format = request_tool_format(tmpl, request);
-  const TurnSplicer splicer(tmpl.format());
   std::vector<ChatMessage> messages;
 
   const json functions = offered_functions(request);
@@ -82,25 +70,14 @@ std::string render_chat_prompt(const ChatTemplate& tmpl, const ChatRequest& requ
       messages.push_back({"system", system + definitions});
     } else {
       messages.push_back({"system", system});
-      splicer.append_turn(messages, role, definitions);
+      splice_turn(tmpl.format(), messages.back(), role, definitions);
     }
   }
 
   for (size_t i = 0; i < request.messages.size(); ++i) {
+    // Tool results keep their role: the template renders them in the model's own form.
     const ApiMessage& m = request.messages[i];
     if (i == 0 && m.role == "system" && !functions.empty()) continue;  // already merged above
-    if (m.role == "tool") {
-      const std::string role = tool_result_role(format);
-      if (!role.empty()) {
-        splicer.append_turn(messages, role, m.content);
-      } else if (i > 0 && request.messages[i - 1].role == "tool") {
-        messages.back().content +=
-            "\n" + render_tool_result(format, m.content);  // one turn for consecutive results
-      } else {
-        messages.push_back({"user", render_tool_result(format, m.content)});
-      }
-      continue;
-    }
     std::string content = m.content;
     for (const ToolCall& call : m.tool_calls) {
       if (format == ToolFormat::Qwen25 && !content.empty()) content += "\n";

@@ -13,7 +13,8 @@
 namespace lmd {
 
 struct ChatMessage {
-  // "system", "user" or "assistant". Tool results ("tool", "environment") are not rendered yet.
+  // "system", "user", "assistant", or a tool result: "tool" (OpenAI's name), "environment"
+  // (InternLM2's) or "ipython" (Llama 3.1's) are one role under three names.
   std::string role;
   std::string content;
 };
@@ -31,6 +32,10 @@ struct ChatMessage {
 //   "assistant_suffix"      ends a reply (the text of the token the model stops on: "<|im_end|>")
 //   "separator"             after a reply's suffix, before the next message
 //   "default_system"        system text used when the conversation has no system message ("" = none)
+//   "tool_prefix", "tool_separator", "tool_suffix"
+//                           a run of consecutive tool results is tool_prefix + the results joined by
+//                           tool_separator + tool_suffix (Qwen2.5 puts a run in one user turn, InternLM2
+//                           and Llama 3.1 give each result a turn of its own); empty: no tool results
 //   "system_in_first_user"  true: the system block goes inside the next user message, after
 //                           user_prefix (Llama-2: "[INST] <<SYS>>\n...\n<</SYS>>\n\n{msg} [/INST]")
 //   "stop_words"            array of texts that end a reply besides the tokenizer's EOS
@@ -46,6 +51,9 @@ struct ChatFormat {
   std::string assistant_suffix;
   std::string separator;
   std::string default_system;
+  std::string tool_prefix;
+  std::string tool_separator;
+  std::string tool_suffix;
   bool system_in_first_user = false;
   std::vector<std::string> stop_words;
   bool add_bos = true;

@@ -31,29 +31,67 @@ struct ToolCall {
 };
 
 struct ParsedReply {
-  std::string content;  // the text outside the calls, trimmed
+  std::string content;  // the text outside the calls (trimmed when there are calls)
   std::vector<ToolCall> calls;
 };
 
+// A whole reply: its calls, or (when there are none, or one does not parse) the reply as content.
 ParsedReply parse_tool_calls(ToolFormat format, std::string_view text);
 
-// One streamed reply split into content and tool calls: content is passed on until the text that opens
-// a call (held back while it is only partly there), everything from there is held until the reply
-// ends and then parsed. With ToolFormat::None all text is content.
+// A piece of a streamed tool call, as OpenAI streams them: a call's first piece carries its name and
+// no arguments, later pieces carry fragments of the arguments' text.
+struct ToolCallDelta {
+  size_t index = 0;  // which call of the reply
+  std::string name;  // the first piece only
+  std::string arguments;
+};
+
+struct ReplyDelta {
+  std::string content;
+  std::vector<ToolCallDelta> calls;
+};
+
+// One streamed reply split into content and tool calls as it arrives. Content is passed on until the
+// text that opens a call (held back while it is only partly there, as is whitespace that may turn out
+// to come right before a call, which the content leaves out). A call is announced once its name
+// is known and its arguments have begun as a JSON object, and the arguments' text is passed on as it
+// is generated. A call in any other shape (arguments before the name, arguments as a string) is held
+// until it ends and then sent whole; if it does not parse, its text becomes content. Text between and
+// after calls is sent at the end, trimmed. With ToolFormat::None all text is content.
 class ToolCallStream {
  public:
   explicit ToolCallStream(ToolFormat format);
-  // Appends reply text; returns the content that can be shown now.
-  std::string push(const std::string& text);
-  // At the end of the reply: the content not shown yet, and the calls. A call that does not parse
-  // leaves its text as content.
-  ParsedReply finish();
+  ReplyDelta push(std::string_view text);
+  // At the end of the reply: what was held back.
+  ReplyDelta finish();
+  // Calls announced so far.
+  size_t num_calls() const { return calls_; }
+  // After finish(): whether a call did not parse as a whole. An announced call stays a call in the
+  // stream even when its arguments turn out malformed or cut short (a stream cannot take it back, and
+  // OpenAI's own streams behave so); parse_tool_calls returns such a reply as plain content.
+  bool malformed() const { return malformed_; }
 
  private:
+  enum class Phase { Outside, Header, Arguments, Tail, Whole };
+  // Moves through text_ as far as it can be judged; `at_end`: no more text will come.
+  void advance(ReplyDelta& out, bool at_end);
+  void begin_call(size_t body);
+  // The current call ends at `end` (the end marker's position, or npos when the reply ended first).
+  void end_call(size_t end);
+
   ToolFormat format_;
-  StopStringMatcher gate_;
-  std::string text_;
-  size_t shown_ = 0;
+  std::string start_, end_;  // the markers around a call
+  std::string text_;         // the reply so far
+  Phase phase_ = Phase::Outside;
+  size_t pos_ = 0;        // text_ up to here has been dealt with (Outside)
+  size_t body_ = 0;       // where the current call's text starts, after its start marker
+  size_t args_sent_ = 0;  // the arguments' text up to here has been sent (Arguments, Tail)
+  int depth_ = 0;         // the arguments' JSON nesting at args_sent_
+  bool in_string_ = false, escaped_ = false;
+  std::string outside_;            // text outside calls once the first call began, sent at the end
+  std::string space_before_call_;  // held back before the first call; content if it is not one
+  size_t calls_ = 0;
+  bool call_started_ = false, malformed_ = false;
 };
 
 // How a tool call is written in the format (for assistant turns that called tools earlier).
@@ -65,10 +103,5 @@ std::string render_tool_definitions(ToolFormat format, const nlohmann::json& fun
 // The role header under which the definitions form a turn of their own ("system name=<|plugin|>" for
 // InternLM2); empty when they are appended to the system message instead.
 std::string tool_definitions_role(ToolFormat format);
-
-// The role header of a tool result turn ("environment name=<|plugin|>" for InternLM2, "ipython" for
-// Llama 3.1); empty when results go back as user turns, wrapped by render_tool_result.
-std::string tool_result_role(ToolFormat format);
-std::string render_tool_result(ToolFormat format, const std::string& content);
 
 }  // namespace lmd::server
