@@ -20,6 +20,9 @@ void rmsnorm(DType dtype, const void* x, void* residual, const void* w, float ep
 // out[r, i] = silu(gu[r, i]) * gu[r, inter + i].
 void silu_mul(DType dtype, const void* gate_up, int64_t rows, int inter, void* out, cudaStream_t stream);
 
+// Per row of fp32 logits [rows, vocab]: out[r] = (argmax as float, its log-softmax); lowest id on ties.
+void greedy(const float* logits, int rows, int vocab, float* out, cudaStream_t stream);
+
 // y[r, j] += bias[j].
 void add_bias(DType dtype, void* y, const void* bias, int64_t rows, int cols, cudaStream_t stream);
 

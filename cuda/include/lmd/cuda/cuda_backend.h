@@ -47,6 +47,9 @@ class CudaBackend final : public Backend {
                  const KvCacheStorage& cache, DeviceTensor& out) override;
   void silu_mul(const DeviceTensor& gate_up, DeviceTensor& out) override;
   void gather_rows(const DeviceTensor& x, const std::vector<int>& rows, DeviceTensor& out) override;
+  void greedy(const DeviceTensor& logits, DeviceTensor& out) override;
+  bool begin_graph_step(const BatchLayout& batch) override;
+  bool end_graph_step(bool launch) override;
 
   // The stream every op is queued on (for timing with events and graph capture).
   void* stream() const;
@@ -55,6 +58,12 @@ class CudaBackend final : public Backend {
   // Copies `values` to the device unless they equal what `slot` holds already (the per-step batch
   // metadata is the same for every layer, so it is uploaded once per step, not once per layer).
   const int* upload_meta(int slot, const std::vector<int>& values);
+  // Copies per-step integers to the device: eagerly into `keep` (a pool tensor), or in a graph step into
+  // the graph's metadata buffer, uploaded by end_graph_step.
+  const int* stage(const std::vector<int>& values, DeviceTensor& keep);
+  DeviceTensor pool_alloc(DType dtype, Shape shape);
+  // True while a graph step replays: ops plan but launch nothing.
+  bool replaying() const;
 
   std::unique_ptr<CudaState> state_;
   std::optional<DType> activation_;
