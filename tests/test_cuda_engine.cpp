@@ -120,6 +120,12 @@ TEST_CASE("cuda engine: 32 prompts batched decode the same greedy tokens as each
   streams.clear();
   for (int i = 0; i < 32; ++i) streams.push_back(engine.submit(greedy_request(prompts[i], lengths[i])));
   for (int i = 0; i < 32; ++i) CHECK(collect(*streams[i]) == batched[i]);
+  const CudaBackend::GraphCounts graphs = gpu.graph_counts();
+  WARN("decode graphs: " << graphs.captured << " shapes captured, " << graphs.replayed << " steps replayed, "
+                         << graphs.failed << " failed");
+  CHECK(graphs.captured > 0);
+  CHECK(graphs.replayed > 0);
+  CHECK(graphs.failed == 0);
 }
 
 TEST_CASE("cuda engine: an interactive second turn equals a full re-prefill", "[gpu]") {

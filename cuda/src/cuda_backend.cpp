@@ -130,6 +130,7 @@ struct CudaState {
     DeviceTensor keep;
   };
   std::map<int, Staged> staged;  // upload_meta's slots within one graph step
+  CudaBackend::GraphCounts counts;
 
   int graph_stride() const { return graph_key.second; }
 };
@@ -307,6 +308,8 @@ size_t CudaBackend::free_memory() const {
 
 void CudaBackend::synchronize() { LMD_CUDA_CHECK(cudaStreamSynchronize(state_->stream)); }
 
+CudaBackend::GraphCounts CudaBackend::graph_counts() const { return state_->counts; }
+
 bool CudaBackend::replaying() const { return state_->mode == CudaState::Mode::Replay; }
 
 const int* CudaBackend::stage(const std::vector<int>& values, DeviceTensor& keep) {
@@ -386,12 +389,18 @@ bool CudaBackend::end_graph_step(bool launch) {
       LMD_CUDA_CHECK(cudaMemcpyAsync(g.meta.data, st.meta_host.data(), st.meta_host.size() * sizeof(int),
                                      cudaMemcpyHostToDevice, st.stream));
     LMD_CUDA_CHECK(cudaGraphLaunch(g.exec, st.stream));
+    if (mode == CudaState::Mode::Capture) {
+      ++st.counts.captured;
+    } else {
+      ++st.counts.replayed;
+    }
     return true;
   }
   // A capture or replay that failed queued nothing: this shape runs eagerly from now on.
   if (g.exec) cudaGraphExecDestroy(g.exec);
   g.exec = nullptr;
   g.disabled = true;
+  ++st.counts.failed;
   return false;
 }
 
@@ -577,6 +586,12 @@ void CudaBackend::attention(const DeviceTensor& qkv, const BatchLayout& batch, i
                       splits > 1 ? partials + s : -1});
     if (splits > 1) partials += splits;
   }
+  // One-token items first: they run the decode kernel (its own launch), the rest the general one.
+  const auto decode_end = std::stable_partition(work.begin(), work.end(),
+                                                [](const cuda::AttnWork& w) { return w.token_count == 1; });
+  const int num_decode = int(decode_end - work.begin());
+  int decode_rows = 1;
+  for (auto it = work.begin(); it != decode_end; ++it) decode_rows = std::max(decode_rows, it->head_count);
   static_assert(sizeof(cuda::AttnWork) == 9 * sizeof(int) && sizeof(cuda::AttnCombine) == 6 * sizeof(int));
   std::vector<int> meta(work.size() * 9 + combine.size() * 6);
   std::memcpy(meta.data(), work.data(), work.size() * sizeof(cuda::AttnWork));
@@ -590,7 +605,8 @@ void CudaBackend::attention(const DeviceTensor& qkv, const BatchLayout& batch, i
   if (partials > 0) scratch = alloc(DType::F32, {cuda::attn_partial_floats(partials, g)});
   if (replaying()) return;
   cuda::attention(qkv.dtype, qkv.data, heads, g, reinterpret_cast<const cuda::AttnWork*>(dev),
-                  int(work.size()), reinterpret_cast<const cuda::AttnCombine*>(dev + work.size() * 9),
+                  int(work.size()), num_decode, decode_rows,
+                  reinterpret_cast<const cuda::AttnCombine*>(dev + work.size() * 9),
                   int(combine.size()), dev + blocks_off, cache.data.data,
                   cache.params.empty() ? nullptr : cache.params.as<uint16_t>(),
                   scratch.empty() ? nullptr : scratch.as<float>(), out.data, state_->stream);

@@ -53,6 +53,12 @@ class CudaBackend final : public Backend {
 
   // The stream every op is queued on (for timing with events and graph capture).
   void* stream() const;
+  // Decode-step graphs so far: shapes captured, steps replayed, shapes that fell back to eager steps.
+  struct GraphCounts {
+    int captured = 0, failed = 0;
+    int64_t replayed = 0;
+  };
+  GraphCounts graph_counts() const;
 
  private:
   // Copies `values` to the device unless they equal what `slot` holds already (the per-step batch
