@@ -172,7 +172,8 @@ TEST_CASE("lmd chat --device cuda streams what the CUDA engine generates", "[gpu
   std::ofstream(tmp / "in") << "Once upon a time\nThe dog\nend\nOnce upon a time\nexit\n";
   const std::string cmd = std::string(LMD_BINARY) + " chat " + dir.string() +
                           " --device cuda --temperature 0 --max_new_tokens " + std::to_string(n) + " <" +
-                          (tmp / "in").string() + " >" + (tmp / "out").string() + " 2>" + (tmp / "err").string();
+                          (tmp / "in").string() + " >" + (tmp / "out").string() + " 2>" +
+                          (tmp / "err").string();
   const int status = std::system(cmd.c_str());
   auto slurp = [](const fs::path& p) {
     std::ifstream f(p, std::ios::binary);

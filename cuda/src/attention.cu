@@ -416,7 +416,6 @@ int dims_per_lane(int head_dim) {
 
 int attn_max_rows(int head_dim) { return dims_per_lane(head_dim) <= 4 ? 8 : 4; }
 
-
 int64_t attn_partial_floats(int num_partials, const KvGeometry& g) {
   return int64_t(num_partials) * g.kv_heads * attn_max_rows(g.head_dim) * (2 + g.head_dim);
 }
@@ -430,7 +429,8 @@ void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, con
   dispatch_float(dtype, [&](auto t) {
     using T = decltype(t);
     if (const int lanes = decode_lanes<T>(g); lanes > 0 && num_decode > 0) {
-      launch_decode<T>(qkv, heads, g, work, num_decode, blocks, cache, lanes, decode_rows, partials, out, stream);
+      launch_decode<T>(qkv, heads, g, work, num_decode, blocks, cache, lanes, decode_rows, partials, out,
+                       stream);
       work += num_decode;
       num_work -= num_decode;
     }

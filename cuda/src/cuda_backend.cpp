@@ -326,8 +326,8 @@ const int* CudaBackend::stage(const std::vector<int>& values, DeviceTensor& keep
   }
   if (st.mode == CudaState::Mode::Record) st.graph->meta_sizes.push_back(values.size());
   keep = pool_alloc(DType::I32, {int64_t(std::max<size_t>(values.size(), 1))});
-  LMD_CUDA_CHECK(cudaMemcpyAsync(keep.data, values.data(), values.size() * sizeof(int), cudaMemcpyHostToDevice,
-                                 st.stream));
+  LMD_CUDA_CHECK(cudaMemcpyAsync(keep.data, values.data(), values.size() * sizeof(int),
+                                 cudaMemcpyHostToDevice, st.stream));
   return keep.as<int>();
 }
 
@@ -443,7 +443,8 @@ void CudaBackend::gather_rows(const DeviceTensor& x, const std::vector<int>& row
 }
 
 void CudaBackend::greedy(const DeviceTensor& logits, DeviceTensor& out) {
-  if (logits.dtype != DType::F32 || out.dtype != DType::F32) fail("CUDA greedy: logits and output must be fp32");
+  if (logits.dtype != DType::F32 || out.dtype != DType::F32)
+    fail("CUDA greedy: logits and output must be fp32");
   const int64_t vocab = logits.dim(-1), rows = logits.numel() / vocab;
   if (out.numel() != 2 * rows) fail("CUDA greedy: output has ", out.numel(), " values for ", rows, " rows");
   if (replaying() || rows == 0) return;
@@ -606,8 +607,8 @@ void CudaBackend::attention(const DeviceTensor& qkv, const BatchLayout& batch, i
   if (replaying()) return;
   cuda::attention(qkv.dtype, qkv.data, heads, g, reinterpret_cast<const cuda::AttnWork*>(dev),
                   int(work.size()), num_decode, decode_rows,
-                  reinterpret_cast<const cuda::AttnCombine*>(dev + work.size() * 9),
-                  int(combine.size()), dev + blocks_off, cache.data.data,
+                  reinterpret_cast<const cuda::AttnCombine*>(dev + work.size() * 9), int(combine.size()),
+                  dev + blocks_off, cache.data.data,
                   cache.params.empty() ? nullptr : cache.params.as<uint16_t>(),
                   scratch.empty() ? nullptr : scratch.as<float>(), out.data, state_->stream);
 }

@@ -132,8 +132,8 @@ std::vector<float> Model::forward(const std::vector<int>& ids, const BatchLayout
   return backend_.download(run_step(ids, batch, cache, all_logits, false)).to_f32();
 }
 
-std::vector<std::pair<int, float>> Model::forward_greedy(const std::vector<int>& ids, const BatchLayout& batch,
-                                                         KvCacheStorage& cache) {
+std::vector<std::pair<int, float>> Model::forward_greedy(const std::vector<int>& ids,
+                                                         const BatchLayout& batch, KvCacheStorage& cache) {
   const std::vector<float> rows = backend_.download(run_step(ids, batch, cache, false, true)).to_f32();
   std::vector<std::pair<int, float>> out;
   for (size_t i = 0; i + 1 < rows.size(); i += 2) out.emplace_back(int(rows[i]), rows[i + 1]);
