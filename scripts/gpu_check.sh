@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # The one script for the GPU machine (BRIEF §9): unpacks the Debian packages CI uses into a prefix,
-# builds lmd with the CUDA backend for Hopper, runs the [gpu] tests and the benchmarks.
+# builds lmd with the CUDA backend for Hopper, runs the [gpu] tests and the benchmarks, and prints a
+# summary table last.
 #   scripts/gpu_check.sh [DEBS_DIR]     (default: .debs beside this checkout)
-# LMD_GPU_TESTS: the Catch2 test filter (default "[gpu]"; e.g. "[w4a16]"); LMD_GPU_BENCH: which
-# benchmarks, of decode (fp16 batch-1 decode step), decode-w4a16 (the same with int4 linears), w4a16 (the
-# int4 linears alone); default all three.
-# Test models are read from $LMD_TEST_ASSETS, else ./assets when present, else ../shared. Logs go to
-# $OUT when set (the device tool's output folder), else /tmp/lmd-gpu-out.
+# Stages, each chosen by a variable (defaults in brackets):
+#   LMD_GPU_TESTS   Catch2 filter of the GPU tests ["[gpu]"]; empty: none
+#   LMD_GPU_BENCH   op-level benchmarks among decode (fp16 batch-1 decode step), decode-w4a16 (the same
+#                   with int4 linears), w4a16 (the int4 linears alone) ["decode decode-w4a16 w4a16"]
+#   LMD_GPU_CHECK_MODELS  `lmd bench generation` on random-weight checkpoints made here, beside Hugging
+#                   Face transformers (scripts/bench_transformers.py) ["llama2-7b internlm2-1.8b"]
+#   LMD_GPU_KV      1: KV-cache quantization on a random Llama-2-7B: blocks at --cache-max-entry-count
+#                   0.8 and batch-64 decode with 2048-token contexts for --quant-policy 0/8/4 [0]
+# Test models and tokenizers are read from $LMD_TEST_ASSETS, else ./assets when present, else ../shared.
+# Logs go to $OUT when set (the device tool's output folder), else /tmp/lmd-gpu-out.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DEBS=${1:-$ROOT/.debs}
@@ -34,13 +40,16 @@ if ! cmake --build "$BUILD" -j16 >"$LOGS/build.log" 2>&1; then
 fi
 echo "build: ok"
 
-timeout 420 "$BUILD/tests/lmd_tests" "${LMD_GPU_TESTS:-[gpu]}" --durations yes >"$LOGS/gpu_tests.log" 2>&1
-tests_rc=$?
-grep -E -A3 "warning:|FAILED|failed|passed|with expansion" "$LOGS/gpu_tests.log" | grep -v "^--$" | tail -60
-echo "gpu tests exit code: $tests_rc"
+tests_rc=0
+if [[ -n "${LMD_GPU_TESTS-[gpu]}" ]]; then
+  timeout 300 "$BUILD/tests/lmd_tests" "${LMD_GPU_TESTS-[gpu]}" --durations yes >"$LOGS/gpu_tests.log" 2>&1
+  tests_rc=$?
+  grep -E -A3 "warning:|FAILED|failed|passed|with expansion" "$LOGS/gpu_tests.log" | grep -v "^--$" | tail -60
+  echo "gpu tests exit code: $tests_rc"
+fi
 
 bench_rc=0
-for bench in ${LMD_GPU_BENCH:-decode decode-w4a16 w4a16}; do
+for bench in ${LMD_GPU_BENCH-decode decode-w4a16 w4a16}; do
   case $bench in
     decode) cmd=("$BUILD/cuda/lmd_cuda_bench") ;;
     decode-w4a16) cmd=("$BUILD/cuda/lmd_cuda_bench" --w4a16) ;;
@@ -53,4 +62,60 @@ for bench in ${LMD_GPU_BENCH:-decode decode-w4a16 w4a16}; do
   cat "$LOGS/bench-$bench.log"
   bench_rc=$((bench_rc | rc))
 done
-exit $((tests_rc != 0 || bench_rc != 0))
+# Device-to-device copy rate (read + write) for the "% peak" column of lmd bench generation.
+PEAK=$(grep -h -m1 "device-to-device copy" "$LOGS"/bench-*.log 2>/dev/null | grep -oE "[0-9]+ GB/s" | grep -oE "[0-9]+" | head -1)
+
+ASSETS=${LMD_TEST_ASSETS:-$ROOT/../shared}
+LMD=$BUILD/apps/lmd
+[[ -x $LMD ]] || LMD=$(find "$BUILD" -name lmd -type f -perm -u+x | head -1)
+e2e_rc=0
+for shape in ${LMD_GPU_CHECK_MODELS-llama2-7b internlm2-1.8b}; do
+  dir=/tmp/lmd-models/$shape
+  dtype=$([[ $shape == internlm2* ]] && echo bfloat16 || echo float16)
+  rm -rf "$dir"
+  timeout 150 "$LMD" bench make-model "$shape" --dst "$dir" --tokenizers "$ASSETS/tokenizers" \
+    >"$LOGS/make-$shape.log" 2>&1 || { tail -5 "$LOGS/make-$shape.log"; e2e_rc=1; continue; }
+  timeout 120 "$LMD" bench generation "$dir" -c 1 64 --prompt-tokens 128 --completion-tokens 128 -w 1 --rounds 2 \
+    ${PEAK:+--peak-bandwidth $PEAK} --json "$LOGS/gen-$shape.json" >"$LOGS/gen-$shape.log" 2>&1 || e2e_rc=1
+  timeout 60 "$LMD" bench generation "$dir" -c 1 --prompt-tokens 2048 --completion-tokens 8 -w 1 --rounds 2 \
+    >"$LOGS/prefill-$shape.log" 2>&1 || e2e_rc=1
+  PYTHONUNBUFFERED=1 timeout 150 python3 "$ROOT/scripts/bench_transformers.py" "$dir" --dtype "$dtype" \
+    >"$LOGS/hf-$shape.log" 2>&1 || e2e_rc=1
+  rm -rf "$dir"
+done
+
+kv_rc=0
+if [[ "${LMD_GPU_KV:-0}" == 1 ]]; then
+  dir=/tmp/lmd-models/llama2-7b-kv
+  rm -rf "$dir"
+  if timeout 150 "$LMD" bench make-model llama2-7b --dst "$dir" --tokenizers "$ASSETS/tokenizers" \
+      >"$LOGS/make-kv.log" 2>&1; then
+    for qp in 0 8 4; do
+      timeout 150 "$LMD" bench generation "$dir" --quant-policy $qp --cache-max-entry-count 0.8 -c 64 \
+        --prompt-tokens 2048 --completion-tokens 64 -w 0 --rounds 1 --json "$LOGS/kv-$qp.json" \
+        >"$LOGS/kv-$qp.log" 2>&1 || kv_rc=1
+    done
+  else
+    tail -5 "$LOGS/make-kv.log"
+    kv_rc=1
+  fi
+  rm -rf "$dir"
+fi
+
+echo "== summary ($(date -u +%F), copy bandwidth ${PEAK:-?} GB/s) =="
+for shape in ${LMD_GPU_CHECK_MODELS-llama2-7b internlm2-1.8b}; do
+  echo "-- $shape: lmd bench generation (decode, then 2048-token prefill; first token ms = prefill)"
+  grep -E "^ *(batch| +[0-9]+ +[0-9]+ +[0-9]+ )" "$LOGS/gen-$shape.log" "$LOGS/prefill-$shape.log" 2>/dev/null |
+    sed "s|$LOGS/||" || true
+  grep -iE "error|lmd:" "$LOGS/gen-$shape.log" | tail -3
+  echo "-- $shape: transformers"
+  tail -2 "$LOGS/hf-$shape.log"
+done
+if [[ "${LMD_GPU_KV:-0}" == 1 ]]; then
+  for qp in 0 8 4; do
+    echo "-- Llama-2-7B shape, --quant-policy $qp, batch 64, 2048-token prompts"
+    grep -E "KV cache|quantized KV" "$LOGS/kv-$qp.log" | head -3
+    grep -E "^ *(batch| +[0-9]+ +[0-9]+ +[0-9]+ )" "$LOGS/kv-$qp.log" || tail -3 "$LOGS/kv-$qp.log"
+  done
+fi
+exit $((tests_rc != 0 || bench_rc != 0 || e2e_rc != 0 || kv_rc != 0))

@@ -189,6 +189,133 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// Decode items (one query token; version 2 of the decode path, unquantized caches). Version 1 (the
+// kernel above) copies 32-key tiles through shared memory and had a single warp per 32 keys in flight:
+// 20 us a layer at context 128 and 981 GB/s of K/V at context 4096 on an H200 (docs/benchmarks.md).
+// Here K and V are read straight into registers: L = head_dim * sizeof(T) / 16 lanes hold one key's row
+// as one 16-byte vector each, so a warp reads 32 / L keys per step and U steps are issued before any is
+// used (U * 32 / L keys, 2 * U loads per lane in flight). Each lane group keeps its own online-softmax
+// state for its slice of the head dims; groups merge by shuffles, warps through shared memory, and the
+// result (or the split's partial slot) is written as version 1 writes it, so combine_kernel is shared.
+template <class T, int R>
+__global__ void __launch_bounds__(kWarps * 32)
+    decode_kernel(const T* qkv, int heads, KvGeometry g, const AttnWork* work, const int* blocks,
+                  const T* cache, int lanes, int max_rows, float* partials, T* out, float scale) {
+  constexpr int E = 16 / sizeof(T);  // elements in a 16-byte vector
+  constexpr int U = 4;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const AttnWork w = work[blockIdx.x];
+  const int kvhead = blockIdx.y, hd = g.head_dim, group = heads / g.kv_heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, sub = lane % lanes, slot = lane / lanes;
+  const int keys_per_step = 32 / lanes, rows = w.head_count;
+  const int64_t qkv_row = int64_t(heads + 2 * g.kv_heads) * hd;
+  const int* seq_blocks = blocks + w.block_off;
+
+  float q[R][E], m[R], l[R], acc[R][E];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m[r] = -INFINITY, l[r] = 0.f;
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    if (r < rows) {
+      const int head = kvhead * group + w.head_begin + r;
+      raw = reinterpret_cast<const uint4*>(qkv + w.token_begin * qkv_row + int64_t(head) * hd)[sub];
+    }
+    const T* qt = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int e = 0; e < E; ++e) q[r][e] = to_f32(qt[e]) * scale, acc[r][e] = 0.f;
+  }
+
+  const int step = U * keys_per_step;
+  for (int base = w.kv_begin + warp * step; base < w.kv_end; base += kWarps * step) {
+    uint4 kx[U], vx[U];
+    bool valid[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int pos = base + u * keys_per_step + slot;
+      valid[u] = pos < w.kv_end;
+      kx[u] = vx[u] = make_uint4(0, 0, 0, 0);
+      if (valid[u]) {
+        const int block = seq_blocks[pos / g.block_len], at = pos % g.block_len;
+        kx[u] = reinterpret_cast<const uint4*>(cache + cache_row(g, block, 0, kvhead, at) * hd)[sub];
+        vx[u] = reinterpret_cast<const uint4*>(cache + cache_row(g, block, 1, kvhead, at) * hd)[sub];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r >= rows) break;  // uniform over the block
+      float sc[U], mx = m[r];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const T* kt = reinterpret_cast<const T*>(&kx[u]);
+        float dot = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) dot += q[r][e] * to_f32(kt[e]);
+        for (int o = 1; o < lanes; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        sc[u] = valid[u] ? dot : -INFINITY;
+        mx = fmaxf(mx, sc[u]);
+      }
+      // No branch on mx: lanes of other groups may still need this warp's shuffles.
+      const float ref = mx == -INFINITY ? 0.f : mx, corr = expf(m[r] - ref);
+      l[r] *= corr;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[r][e] *= corr;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const float p = expf(sc[u] - ref);
+        const T* vt = reinterpret_cast<const T*>(&vx[u]);
+        l[r] += p;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[r][e] += p * to_f32(vt[e]);
+      }
+      m[r] = mx;
+    }
+  }
+
+  // Merge the lane groups of each warp (lanes with equal `sub` hold the same dims), then the warps.
+  float* merge = reinterpret_cast<float*>(smem);  // [warps][R][2 + hd]
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r >= rows) break;
+    for (int o = lanes; o < 32; o <<= 1) {
+      const float om = __shfl_xor_sync(0xffffffffu, m[r], o), ol = __shfl_xor_sync(0xffffffffu, l[r], o);
+      const float mx = fmaxf(m[r], om), ref = mx == -INFINITY ? 0.f : mx;
+      const float f = expf(m[r] - ref), of = expf(om - ref);
+      l[r] = l[r] * f + ol * of;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[r][e] = acc[r][e] * f + __shfl_xor_sync(0xffffffffu, acc[r][e], o) * of;
+      m[r] = mx;
+    }
+    float* dst = merge + (warp * R + r) * (2 + hd);
+    if (lane == 0) dst[0] = m[r], dst[1] = l[r];
+    if (slot == 0)
+#pragma unroll
+      for (int e = 0; e < E; ++e) dst[2 + sub * E + e] = acc[r][e];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < rows * hd; i += blockDim.x) {
+    const int r = i / hd, d = i % hd;
+    float mx = -INFINITY;
+    for (int v = 0; v < kWarps; ++v) mx = fmaxf(mx, merge[(v * R + r) * (2 + hd)]);
+    float lsum = 0.f, a = 0.f;
+    if (mx != -INFINITY) {
+      for (int v = 0; v < kWarps; ++v) {
+        const float* src = merge + (v * R + r) * (2 + hd);
+        const float f = expf(src[0] - mx);
+        lsum += src[1] * f;
+        a += src[2 + d] * f;
+      }
+    }
+    const int head = kvhead * group + w.head_begin + r;
+    if (w.partial < 0) {
+      out[int64_t(w.token_begin) * heads * hd + int64_t(head) * hd + d] = from_f32<T>(a / lsum);
+    } else {
+      float* dst = partials + ((int64_t(w.partial) * g.kv_heads + kvhead) * max_rows + r) * (2 + hd);
+      if (d == 0) dst[0] = mx, dst[1] = lsum;
+      dst[2 + d] = a;
+    }
+  }
+}
+
 template <class T>
 __global__ void combine_kernel(int heads, KvGeometry g, const AttnCombine* combine, int max_rows,
                                const float* partials, T* out) {
@@ -247,6 +374,38 @@ void launch(const void* qkv, int heads, const KvGeometry& g, const AttnWork* wor
   LMD_CUDA_LAUNCHED();
 }
 
+// Lanes per key row for decode_kernel, or 0 where it does not apply (quantized caches; rows that are
+// not a power-of-two number of 16-byte vectors up to 32).
+template <class T>
+int decode_lanes(const KvGeometry& g) {
+  const int vectors = g.head_dim * int(sizeof(T)) / 16;
+  if (g.quant_bits != 0 || g.head_dim * int(sizeof(T)) % 16 != 0 || vectors > 32) return 0;
+  return (vectors & (vectors - 1)) == 0 ? vectors : 0;
+}
+
+template <class T>
+void launch_decode(const void* qkv, int heads, const KvGeometry& g, const AttnWork* work, int num_work,
+                   const int* blocks, const void* cache, int lanes, int rows, float* partials, void* out,
+                   cudaStream_t stream) {
+  const int max_rows = attn_max_rows(g.head_dim);
+  auto run = [&](auto kernel, int r) {
+    const size_t smem = size_t(kWarps) * r * (2 + g.head_dim) * sizeof(float);
+    kernel<<<dim3(num_work, g.kv_heads), kWarps * 32, smem, stream>>>(
+        static_cast<const T*>(qkv), heads, g, work, blocks, static_cast<const T*>(cache), lanes, max_rows,
+        partials, static_cast<T*>(out), 1.f / sqrtf(float(g.head_dim)));
+    LMD_CUDA_LAUNCHED();
+  };
+  if (rows <= 1) {
+    run(decode_kernel<T, 1>, 1);
+  } else if (rows <= 2) {
+    run(decode_kernel<T, 2>, 2);
+  } else if (rows <= 4) {
+    run(decode_kernel<T, 4>, 4);
+  } else {
+    run(decode_kernel<T, 8>, 8);
+  }
+}
+
 int dims_per_lane(int head_dim) {
   if (head_dim % 8 != 0 || head_dim > 256)
     fail("CUDA attention: head_dim ", head_dim, " is not supported (a multiple of 8 up to 256 is)");
@@ -262,16 +421,25 @@ int64_t attn_partial_floats(int num_partials, const KvGeometry& g) {
 }
 
 void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, const AttnWork* work,
-               int num_work, const AttnCombine* combine, int num_combine, const int* blocks,
-               const void* cache, const uint16_t* params, float* partials, void* out, cudaStream_t stream) {
+               int num_work, int num_decode, int decode_rows, const AttnCombine* combine, int num_combine,
+               const int* blocks, const void* cache, const uint16_t* params, float* partials, void* out,
+               cudaStream_t stream) {
   if (num_work == 0) return;
   const int dpl = dims_per_lane(g.head_dim);
   dispatch_float(dtype, [&](auto t) {
     using T = decltype(t);
+    if (const int lanes = decode_lanes<T>(g); lanes > 0 && num_decode > 0) {
+      launch_decode<T>(qkv, heads, g, work, num_decode, blocks, cache, lanes, decode_rows, partials, out,
+                       stream);
+      work += num_decode;
+      num_work -= num_decode;
+    }
     if (attention_smem(g.head_dim, sizeof(T), attn_max_rows(g.head_dim)) > 227 * 1024)
       fail("CUDA attention: head_dim ", g.head_dim, " in ", dtype_name(dtype),
            " needs too much shared memory");
-    switch (dpl) {
+    switch (num_work == 0 ? 0 : dpl) {
+      case 0:
+        break;
       case 1:
         launch<T, 1>(qkv, heads, g, work, num_work, blocks, cache, params, partials, out, stream);
         break;

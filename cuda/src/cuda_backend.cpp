@@ -117,7 +117,48 @@ struct CudaState {
   // grows; all use is ordered on the one stream.
   int w4_dense_from = kW4DenseFromRows;
   DeviceTensor w4_partials, w4_counters, w4_dense;
+
+  // Decode-step graphs (begin_graph_step), one per (sequences, block-table stride). The first step of a
+  // shape runs eagerly and records the sizes of its allocations and metadata uploads; the second is
+  // captured with those carved out of one arena and one metadata buffer; later ones replay.
+  struct Graph {
+    std::vector<size_t> alloc_sizes;  // bytes, in call order
+    std::vector<size_t> meta_sizes;   // ints, in call order
+    DeviceTensor arena, meta;
+    cudaGraphExec_t exec = nullptr;
+    bool disabled = false;  // its capture failed: steps of this shape run eagerly
+  };
+  enum class Mode { Eager, Record, Capture, Replay };
+  std::map<std::pair<int, int>, Graph> graphs;
+  Mode mode = Mode::Eager;
+  std::pair<int, int> graph_key;
+  Graph* graph = nullptr;
+  size_t alloc_i = 0, alloc_off = 0, meta_i = 0, meta_off = 0;
+  std::vector<int> meta_host;  // staged metadata of the step, copied to `graph->meta` before the launch
+  struct Staged {
+    std::vector<int> values;
+    const int* dev = nullptr;
+    DeviceTensor keep;
+  };
+  std::map<int, Staged> staged;  // upload_meta's slots within one graph step
+  CudaBackend::GraphCounts counts;
+
+  int graph_stride() const { return graph_key.second; }
 };
+
+namespace {
+
+// Graph-step sub-allocations are aligned like cudaMalloc's smallest alignment that vector loads need.
+size_t arena_bytes(size_t bytes) { return (std::max<size_t>(bytes, 1) + 255) / 256 * 256; }
+
+// Every sequence's block list padded to `stride` entries (graph steps need fixed metadata sizes).
+std::vector<int> padded_blocks(const std::vector<int>& blocks, int stride) {
+  std::vector<int> out(blocks);
+  out.resize(std::max<size_t>(stride, blocks.size()), blocks.empty() ? 0 : blocks.back());
+  return out;
+}
+
+}  // namespace
 
 bool cuda_device_available() {
   int n = 0;
@@ -161,6 +202,8 @@ CudaBackend::~CudaBackend() {
   state_->w4_partials = {};
   state_->w4_counters = {};
   state_->w4_dense = {};
+  for (auto& [key, g] : state_->graphs)
+    if (g.exec) cudaGraphExecDestroy(g.exec);
   cublasDestroy(state_->cublas);
   cudaStreamDestroy(state_->stream);
 }
@@ -179,6 +222,31 @@ DType CudaBackend::activation_dtype(DType weight_dtype) const {
 void* CudaBackend::stream() const { return state_->stream; }
 
 DeviceTensor CudaBackend::alloc(DType dtype, Shape shape) {
+  CudaState& st = *state_;
+  if (st.mode == CudaState::Mode::Capture || st.mode == CudaState::Mode::Replay) {
+    DeviceTensor t;
+    t.dtype = dtype;
+    t.shape = std::move(shape);
+    const size_t bytes = arena_bytes(t.nbytes());
+    CudaState::Graph& g = *st.graph;
+    if (st.alloc_i >= g.alloc_sizes.size() || g.alloc_sizes[st.alloc_i] != bytes)
+      fail("CUDA graph step: allocation ", st.alloc_i, " differs from the recorded step of this shape");
+    ++st.alloc_i;
+    t.data = static_cast<char*>(g.arena.data) + st.alloc_off;
+    st.alloc_off += bytes;
+    t.storage = std::shared_ptr<void>(g.arena.storage, t.data);  // shares the arena's ownership
+    return t;
+  }
+  if (st.mode == CudaState::Mode::Record) {
+    DeviceTensor probe;
+    probe.dtype = dtype;
+    probe.shape = shape;
+    st.graph->alloc_sizes.push_back(arena_bytes(probe.nbytes()));
+  }
+  return pool_alloc(dtype, std::move(shape));
+}
+
+DeviceTensor CudaBackend::pool_alloc(DType dtype, Shape shape) {
   DeviceTensor t;
   t.dtype = dtype;
   t.shape = std::move(shape);
@@ -228,6 +296,7 @@ DeviceLinear CudaBackend::prepare_linear(const LinearWeight& w, DType compute) {
     out.scales = alloc(DType::F16, {K / group, 2 * int64_t(N)});  // the (1024 + zero, scale) meta
     cuda::w4a16_relayout(qweight.as<int32_t>(), qzeros.as<int32_t>(), scales.data, K, N, group,
                          out.qweight.as<int32_t>(), out.scales.data, state_->stream);
+    reserve_w4a16_workspace(K, N, compute);
   } else if (w.is_awq()) {
     // Shapes the tiles do not cover (never a Llama-family linear) run as dense GEMMs.
     out.weight = upload(dequantize_awq(w.qweight, w.qzeros, w.scales), compute);
@@ -265,7 +334,110 @@ size_t CudaBackend::free_memory() const {
 
 void CudaBackend::synchronize() { LMD_CUDA_CHECK(cudaStreamSynchronize(state_->stream)); }
 
+CudaBackend::GraphCounts CudaBackend::graph_counts() const { return state_->counts; }
+
+bool CudaBackend::replaying() const { return state_->mode == CudaState::Mode::Replay; }
+
+const int* CudaBackend::stage(const std::vector<int>& values, DeviceTensor& keep) {
+  CudaState& st = *state_;
+  if (st.mode == CudaState::Mode::Capture || st.mode == CudaState::Mode::Replay) {
+    const CudaState::Graph& g = *st.graph;
+    if (st.meta_i >= g.meta_sizes.size() || g.meta_sizes[st.meta_i] != values.size())
+      fail("CUDA graph step: metadata upload ", st.meta_i, " differs from the recorded step of this shape");
+    ++st.meta_i;
+    std::copy(values.begin(), values.end(), st.meta_host.begin() + st.meta_off);
+    const int* dev = g.meta.as<int>() + st.meta_off;
+    st.meta_off += values.size();
+    return dev;
+  }
+  if (st.mode == CudaState::Mode::Record) st.graph->meta_sizes.push_back(values.size());
+  keep = pool_alloc(DType::I32, {int64_t(std::max<size_t>(values.size(), 1))});
+  LMD_CUDA_CHECK(cudaMemcpyAsync(keep.data, values.data(), values.size() * sizeof(int),
+                                 cudaMemcpyHostToDevice, st.stream));
+  return keep.as<int>();
+}
+
+bool CudaBackend::begin_graph_step(const BatchLayout& batch) {
+  CudaState& st = *state_;
+  if (st.mode != CudaState::Mode::Eager) fail("CUDA graph steps do not nest");
+  size_t max_blocks = 1;
+  for (const SeqSlice& s : batch.seqs) max_blocks = std::max(max_blocks, s.blocks.size());
+  // Strides are powers of two so that a growing context recaptures a shape only log2 times.
+  st.graph_key = {int(batch.seqs.size()), int(std::bit_ceil(max_blocks))};
+  auto [it, fresh] = st.graphs.try_emplace(st.graph_key);
+  CudaState::Graph& g = it->second;
+  if (g.disabled) return false;
+  st.graph = &g;
+  st.alloc_i = st.alloc_off = st.meta_i = st.meta_off = 0;
+  st.staged.clear();
+  if (fresh) {
+    st.mode = CudaState::Mode::Record;
+    return true;
+  }
+  size_t arena = 0, meta = 0;
+  for (size_t b : g.alloc_sizes) arena += b;
+  for (size_t n : g.meta_sizes) meta += n;
+  st.meta_host.assign(meta, 0);
+  if (g.exec) {
+    st.mode = CudaState::Mode::Replay;
+    return true;
+  }
+  g.arena = pool_alloc(DType::U8, {int64_t(std::max<size_t>(arena, 1))});
+  g.meta = pool_alloc(DType::I32, {int64_t(std::max<size_t>(meta, 1))});
+  // Thread-local: other threads' CUDA calls (a server's) stay legal while the scheduler captures.
+  LMD_CUDA_CHECK(cudaStreamBeginCapture(st.stream, cudaStreamCaptureModeThreadLocal));
+  st.mode = CudaState::Mode::Capture;
+  return true;
+}
+
+bool CudaBackend::end_graph_step(bool launch) {
+  CudaState& st = *state_;
+  const CudaState::Mode mode = st.mode;
+  CudaState::Graph& g = *st.graph;
+  st.mode = CudaState::Mode::Eager;
+  st.graph = nullptr;
+  st.staged.clear();
+  cudaError_t err = cudaSuccess;
+  if (mode == CudaState::Mode::Capture) {
+    cudaGraph_t graph = nullptr;
+    err = cudaStreamEndCapture(st.stream, &graph);
+    if (err == cudaSuccess && launch) err = cudaGraphInstantiate(&g.exec, graph, 0);
+    if (graph) cudaGraphDestroy(graph);
+    if (err != cudaSuccess) cudaGetLastError(), g.exec = nullptr;
+  }
+  const bool consumed = st.alloc_i == g.alloc_sizes.size() && st.meta_i == g.meta_sizes.size();
+  if (mode == CudaState::Mode::Record) {
+    if (!launch) st.graphs.erase(st.graph_key);  // recorded again by the next step of this shape
+    return true;
+  }
+  if (launch && err == cudaSuccess && consumed) {
+    if (!st.meta_host.empty())
+      LMD_CUDA_CHECK(cudaMemcpyAsync(g.meta.data, st.meta_host.data(), st.meta_host.size() * sizeof(int),
+                                     cudaMemcpyHostToDevice, st.stream));
+    LMD_CUDA_CHECK(cudaGraphLaunch(g.exec, st.stream));
+    if (mode == CudaState::Mode::Capture) {
+      ++st.counts.captured;
+    } else {
+      ++st.counts.replayed;
+    }
+    return true;
+  }
+  // A capture or replay that failed queued nothing: this shape runs eagerly from now on.
+  if (g.exec) cudaGraphExecDestroy(g.exec);
+  g.exec = nullptr;
+  g.disabled = true;
+  ++st.counts.failed;
+  return false;
+}
+
 const int* CudaBackend::upload_meta(int slot, const std::vector<int>& values) {
+  if (state_->mode != CudaState::Mode::Eager) {
+    CudaState::Staged& s = state_->staged[slot];
+    if (s.dev && s.values == values) return s.dev;
+    s.values = values;
+    s.dev = stage(values, s.keep);
+    return s.dev;
+  }
   CudaState::Meta& m = state_->meta[slot];
   if (!m.dev.empty() && m.host == values) return m.dev.as<int>();
   m.host = values;
@@ -289,17 +461,27 @@ void CudaBackend::gather_rows(const DeviceTensor& x, const std::vector<int>& row
   const int64_t n = x.numel() / x.dim(-1);
   for (int r : rows)
     if (r < 0 || r >= n) fail("CUDA gather_rows: row ", r, " is outside [0, ", n, ")");
-  DeviceTensor idx = alloc(DType::I32, {int64_t(rows.size())});
-  LMD_CUDA_CHECK(cudaMemcpyAsync(idx.data, rows.data(), rows.size() * sizeof(int), cudaMemcpyHostToDevice,
-                                 state_->stream));
-  cuda::gather_rows(x.data, idx.as<int>(), int(rows.size()), x.dim(-1) * int64_t(dtype_size(x.dtype)),
-                    out.data, state_->stream);
+  DeviceTensor keep;
+  const int* idx = stage(rows, keep);
+  if (replaying()) return;
+  cuda::gather_rows(x.data, idx, int(rows.size()), x.dim(-1) * int64_t(dtype_size(x.dtype)), out.data,
+                    state_->stream);
+}
+
+void CudaBackend::greedy(const DeviceTensor& logits, DeviceTensor& out) {
+  if (logits.dtype != DType::F32 || out.dtype != DType::F32)
+    fail("CUDA greedy: logits and output must be fp32");
+  const int64_t vocab = logits.dim(-1), rows = logits.numel() / vocab;
+  if (out.numel() != 2 * rows) fail("CUDA greedy: output has ", out.numel(), " values for ", rows, " rows");
+  if (replaying() || rows == 0) return;
+  cuda::greedy(logits.as<float>(), int(rows), int(vocab), out.as<float>(), state_->stream);
 }
 
 void CudaBackend::rmsnorm(const DeviceTensor& x, const DeviceTensor& weight, float eps, DeviceTensor& out) {
   require_same(x, weight, "rmsnorm");
   require_same(x, out, "rmsnorm");
   const int n = int(x.dim(-1));
+  if (replaying()) return;
   cuda::rmsnorm(x.dtype, x.data, nullptr, weight.data, eps, x.numel() / n, n, out.data, state_->stream);
 }
 
@@ -309,6 +491,7 @@ void CudaBackend::add_rmsnorm(DeviceTensor& residual, const DeviceTensor& x, con
   require_same(x, weight, "add_rmsnorm");
   require_same(x, out, "add_rmsnorm");
   const int n = int(x.dim(-1));
+  if (replaying()) return;
   cuda::rmsnorm(x.dtype, x.data, residual.data, weight.data, eps, x.numel() / n, n, out.data, state_->stream);
 }
 
@@ -322,6 +505,22 @@ void CudaBackend::gemm(const DeviceTensor& x, const void* weight, int64_t in, in
                                 cuda_type(out.dtype), int(outf), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+void CudaBackend::reserve_w4a16_workspace(int64_t in, int64_t outf, DType compute) {
+  // Sized at load for the largest int4 linear and any row count, so that linear() never allocates:
+  // a decode-step graph captures these pointers and replays them later.
+  CudaState& st = *state_;
+  const cuda::W4Plan plan = cuda::w4a16_plan(cuda::kW4GemvMaxRows, int(in), int(outf), st.sms);
+  auto grow = [&](DeviceTensor& t, DType dtype, int64_t n) {
+    if (t.numel() >= n && t.dtype == dtype) return false;
+    t = pool_alloc(dtype, {n});
+    return true;
+  };
+  grow(st.w4_partials, DType::F32, plan.partial_floats());
+  if (grow(st.w4_counters, DType::I32, plan.blocks_n))
+    LMD_CUDA_CHECK(cudaMemsetAsync(st.w4_counters.data, 0, st.w4_counters.nbytes(), st.stream));
+  grow(st.w4_dense, compute, in * outf);
+}
+
 void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTensor& out) {
   if (!w.is_int4()) require_same(x, w.weight, "linear");
   // The output may be fp32 from 16-bit inputs (the logits: fp16 logits tie and flip greedy choices).
@@ -329,34 +528,27 @@ void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTen
     require_same(x, out, "linear");
   const int64_t in = w.in_features, outf = w.out_features, tokens = x.numel() / in;
   if (x.dim(-1) != in) fail("linear: input has ", x.dim(-1), " features, weight expects ", in);
-  if (tokens == 0) return;
-  auto grow = [&](DeviceTensor& t, DType dtype, int64_t n) {
-    if (t.numel() >= n) return false;
-    t = alloc(dtype, {n});
-    return true;
-  };
+  if (tokens == 0 || replaying()) return;
+  CudaState& st = *state_;
   if (!w.is_int4()) {
     gemm(x, w.weight.data, in, outf, tokens, out);
-  } else if (tokens < state_->w4_dense_from && tokens <= cuda::kW4GemvMaxRows) {
-    const cuda::W4Plan plan = cuda::w4a16_plan(int(tokens), int(in), int(outf), state_->sms);
-    grow(state_->w4_partials, DType::F32, plan.partial_floats());
-    if (grow(state_->w4_counters, DType::I32, plan.blocks_n))
-      LMD_CUDA_CHECK(
-          cudaMemsetAsync(state_->w4_counters.data, 0, state_->w4_counters.nbytes(), state_->stream));
+  } else if (tokens < st.w4_dense_from && tokens <= cuda::kW4GemvMaxRows) {
+    const cuda::W4Plan plan = cuda::w4a16_plan(int(tokens), int(in), int(outf), st.sms);
+    if (st.w4_partials.numel() < plan.partial_floats() || st.w4_counters.numel() < plan.blocks_n)
+      fail("CUDA linear: the int4 workspace was not reserved for a ", in, "x", outf, " linear");
     cuda::w4a16_gemv(x.dtype, x.data, int(in), w.group_size, w.qweight.as<int32_t>(), w.scales.data, plan,
-                     state_->w4_partials.as<float>(), state_->w4_counters.as<int>(), out.data,
-                     state_->stream);
+                     st.w4_partials.as<float>(), st.w4_counters.as<int>(), out.data, st.stream);
   } else {
-    DeviceTensor& dense = state_->w4_dense;
-    if (dense.dtype != x.dtype) dense = {};
-    grow(dense, x.dtype, in * outf);
+    if (st.w4_dense.dtype != x.dtype || st.w4_dense.numel() < in * outf)
+      fail("CUDA linear: the int4 dequantization workspace was not reserved for ", dtype_name(x.dtype), " ",
+           in, "x", outf);
     cuda::w4a16_dequantize(x.dtype, int(in), int(outf), w.group_size, w.qweight.as<int32_t>(), w.scales.data,
-                           dense.data, state_->stream);
-    gemm(x, dense.data, in, outf, tokens, out);
+                           st.w4_dense.data, st.stream);
+    gemm(x, st.w4_dense.data, in, outf, tokens, out);
   }
   if (!w.bias.empty()) {
     require_same(x, w.bias, "linear bias");
-    cuda::add_bias(x.dtype, out.data, w.bias.data, tokens, int(outf), state_->stream);
+    cuda::add_bias(x.dtype, out.data, w.bias.data, tokens, int(outf), st.stream);
   }
 }
 
@@ -373,6 +565,7 @@ void CudaBackend::rope_kv_write(DeviceTensor& qkv, const BatchLayout& batch, int
   if (tokens == 0) return;
   // meta: token_seq [T], token_pos [T], seq_block_off [S], blocks..., inv_freq [S, half] (float bits).
   const int seqs = int(batch.seqs.size());
+  const bool graph = state_->mode != CudaState::Mode::Eager;
   std::vector<int> meta(2 * tokens + seqs);
   std::vector<float> freqs;
   for (int s = 0; s < seqs; ++s) {
@@ -384,13 +577,19 @@ void CudaBackend::rope_kv_write(DeviceTensor& qkv, const BatchLayout& batch, int
       meta[tokens + q.token_offset + i] = q.context_len + i;
     }
     meta[2 * tokens + s] = int(meta.size());
-    meta.insert(meta.end(), q.blocks.begin(), q.blocks.end());
+    if (graph) {
+      const std::vector<int> padded = padded_blocks(q.blocks, state_->graph_stride());
+      meta.insert(meta.end(), padded.begin(), padded.end());
+    } else {
+      meta.insert(meta.end(), q.blocks.begin(), q.blocks.end());
+    }
     const std::vector<float> f = rope_inv_freq(rope, q.context_len + q.num_new);
     freqs.insert(freqs.end(), f.begin(), f.begin() + half);
   }
   const int freq_off = int(meta.size());
   for (float f : freqs) meta.push_back(std::bit_cast<int>(f));
   const int* dev = upload_meta(0, meta);
+  if (replaying()) return;
   const cuda::KvGeometry g{L.layers, L.kv_heads, L.head_dim, L.block_len, layer, L.quant_bits};
   cuda::rope_kv_write(qkv.dtype, qkv.data, tokens, heads, g, dev, dev + tokens, dev + 2 * tokens, dev,
                       reinterpret_cast<const float*>(dev + freq_off), cache.data.data,
@@ -426,28 +625,39 @@ void CudaBackend::attention(const DeviceTensor& qkv, const BatchLayout& batch, i
   const int64_t base_blocks = int64_t(items.size()) * L.kv_heads;
   const int want = int(std::max<int64_t>(1, (2 * state_->sms + base_blocks - 1) / base_blocks));
 
+  // A graph step keeps the grid and the metadata sizes of its shape: every item gets `want` splits (the
+  // ones past the context are empty and merge as nothing) and block lists are padded to the stride.
+  const bool graph = state_->mode != CudaState::Mode::Eager;
   std::vector<int> block_off(batch.seqs.size()), blocks;
   for (size_t s = 0; s < batch.seqs.size(); ++s) {
     block_off[s] = int(blocks.size());
-    blocks.insert(blocks.end(), batch.seqs[s].blocks.begin(), batch.seqs[s].blocks.end());
+    const std::vector<int> list =
+        graph ? padded_blocks(batch.seqs[s].blocks, state_->graph_stride()) : batch.seqs[s].blocks;
+    blocks.insert(blocks.end(), list.begin(), list.end());
   }
   std::vector<cuda::AttnWork> work;
   std::vector<cuda::AttnCombine> combine;
   int partials = 0;
   for (const Item& it : items) {
     const SeqSlice& q = batch.seqs[it.seq];
-    int splits = std::clamp((it.kv_len + kMinKeysPerSplit - 1) / kMinKeysPerSplit, 1, want);
+    int splits = graph ? want : std::clamp((it.kv_len + kMinKeysPerSplit - 1) / kMinKeysPerSplit, 1, want);
     const int chunk = ((it.kv_len + splits - 1) / splits + 31) / 32 * 32;
-    splits = (it.kv_len + chunk - 1) / chunk;
+    if (!graph) splits = (it.kv_len + chunk - 1) / chunk;
     const int first_pos = q.context_len + (it.token_begin - q.token_offset);
     if (splits > 1)
       combine.push_back({it.token_begin, it.token_count, it.head_begin, it.head_count, partials, splits});
     for (int s = 0; s < splits; ++s)
       work.push_back({it.token_begin, it.token_count, it.head_begin, it.head_count, first_pos,
-                      block_off[it.seq], s * chunk, std::min(it.kv_len, (s + 1) * chunk),
+                      block_off[it.seq], std::min(it.kv_len, s * chunk), std::min(it.kv_len, (s + 1) * chunk),
                       splits > 1 ? partials + s : -1});
     if (splits > 1) partials += splits;
   }
+  // One-token items first: they run the decode kernel (its own launch), the rest the general one.
+  const auto decode_end = std::stable_partition(work.begin(), work.end(),
+                                                [](const cuda::AttnWork& w) { return w.token_count == 1; });
+  const int num_decode = int(decode_end - work.begin());
+  int decode_rows = 1;
+  for (auto it = work.begin(); it != decode_end; ++it) decode_rows = std::max(decode_rows, it->head_count);
   static_assert(sizeof(cuda::AttnWork) == 9 * sizeof(int) && sizeof(cuda::AttnCombine) == 6 * sizeof(int));
   std::vector<int> meta(work.size() * 9 + combine.size() * 6);
   std::memcpy(meta.data(), work.data(), work.size() * sizeof(cuda::AttnWork));
@@ -459,9 +669,11 @@ void CudaBackend::attention(const DeviceTensor& qkv, const BatchLayout& batch, i
   const cuda::KvGeometry g{L.layers, L.kv_heads, L.head_dim, L.block_len, layer, L.quant_bits};
   DeviceTensor scratch;
   if (partials > 0) scratch = alloc(DType::F32, {cuda::attn_partial_floats(partials, g)});
+  if (replaying()) return;
   cuda::attention(qkv.dtype, qkv.data, heads, g, reinterpret_cast<const cuda::AttnWork*>(dev),
-                  int(work.size()), reinterpret_cast<const cuda::AttnCombine*>(dev + work.size() * 9),
-                  int(combine.size()), dev + blocks_off, cache.data.data,
+                  int(work.size()), num_decode, decode_rows,
+                  reinterpret_cast<const cuda::AttnCombine*>(dev + work.size() * 9), int(combine.size()),
+                  dev + blocks_off, cache.data.data,
                   cache.params.empty() ? nullptr : cache.params.as<uint16_t>(),
                   scratch.empty() ? nullptr : scratch.as<float>(), out.data, state_->stream);
 }
@@ -471,6 +683,7 @@ void CudaBackend::silu_mul(const DeviceTensor& gate_up, DeviceTensor& out) {
   const int inter = int(out.dim(-1));
   if (gate_up.dim(-1) != 2 * int64_t(inter))
     fail("CUDA silu_mul: gate_up has ", gate_up.dim(-1), " columns, expected ", 2 * inter);
+  if (replaying()) return;
   cuda::silu_mul(out.dtype, gate_up.data, out.numel() / inter, inter, out.data, state_->stream);
 }
 

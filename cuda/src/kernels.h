@@ -20,6 +20,9 @@ void rmsnorm(DType dtype, const void* x, void* residual, const void* w, float ep
 // out[r, i] = silu(gu[r, i]) * gu[r, inter + i].
 void silu_mul(DType dtype, const void* gate_up, int64_t rows, int inter, void* out, cudaStream_t stream);
 
+// Per row of fp32 logits [rows, vocab]: out[r] = (argmax as float, its log-softmax); lowest id on ties.
+void greedy(const float* logits, int rows, int vocab, float* out, cudaStream_t stream);
+
 // y[r, j] += bias[j].
 void add_bias(DType dtype, void* y, const void* bias, int64_t rows, int cols, cudaStream_t stream);
 
@@ -55,9 +58,12 @@ struct AttnCombine {
 // Rows one work item may hold for this head_dim (register budget of the accumulators).
 int attn_max_rows(int head_dim);
 
+// The first `num_decode` work items have one token and at most `decode_rows` rows each: they run the
+// decode kernel where it applies (unquantized caches), the rest the general one.
 void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, const AttnWork* work,
-               int num_work, const AttnCombine* combine, int num_combine, const int* blocks,
-               const void* cache, const uint16_t* params, float* partials, void* out, cudaStream_t stream);
+               int num_work, int num_decode, int decode_rows, const AttnCombine* combine, int num_combine,
+               const int* blocks, const void* cache, const uint16_t* params, float* partials, void* out,
+               cudaStream_t stream);
 
 // Floats of partial-result workspace `attention` needs for `num_partials` slots.
 int64_t attn_partial_floats(int num_partials, const KvGeometry& g);

@@ -5,10 +5,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <span>
 
 #include "lmd/core/awq_layout.h"
 #include "lmd/core/error.h"
 #include "lmd/engine/kv_quant.h"
+#include "lmd/engine/sampler.h"
 
 namespace lmd {
 namespace {
@@ -291,6 +293,18 @@ void CpuBackend::gather_rows(const DeviceTensor& x, const std::vector<int>& rows
   for (size_t i = 0; i < rows.size(); ++i)
     std::memcpy(static_cast<uint8_t*>(out.data) + i * bytes,
                 static_cast<const uint8_t*>(x.data) + rows[i] * bytes, bytes);
+}
+
+void CpuBackend::greedy(const DeviceTensor& logits, DeviceTensor& out) {
+  require_f32(logits, "greedy logits");
+  require_f32(out, "greedy output");
+  const int64_t vocab = logits.dim(-1), rows = logits.numel() / vocab;
+  for (int64_t r = 0; r < rows; ++r) {
+    const std::span<const float> row(logits.as<float>() + r * vocab, vocab);
+    const int64_t best = std::max_element(row.begin(), row.end()) - row.begin();
+    out.as<float>()[2 * r] = float(best);
+    out.as<float>()[2 * r + 1] = log_softmax(row)[best];
+  }
 }
 
 }  // namespace lmd

@@ -349,7 +349,22 @@ bool Engine::step() {
   }
   if (in_batch.empty()) return false;
 
-  const std::vector<float> logits = model_.forward(ids, batch, cache_);
+  // On an accelerator, steps whose sequences all sample plainly greedily take the argmax there and bring
+  // back one (token, logprob) per sequence rather than the logits; the CPU keeps the Sampler (the
+  // reference), whose greedy choice and logprob these equal.
+  bool device_greedy = model_.backend().kind() != DeviceKind::CPU;
+  for (const Sequence* seq : in_batch) {
+    const SamplingParams& p = seq->request.gen.sampling;
+    device_greedy &= p.greedy() && p.repetition_penalty == 1.f && p.frequency_penalty == 0.f &&
+                     p.presence_penalty == 0.f && p.top_logprobs == 0;
+  }
+  std::vector<float> logits;
+  std::vector<std::pair<int, float>> chosen;
+  if (device_greedy) {
+    chosen = model_.forward_greedy(ids, batch, cache_);
+  } else {
+    logits = model_.forward(ids, batch, cache_);
+  }
   const int vocab = model_.spec().vocab;
 
   std::lock_guard lock(mutex_);
@@ -360,8 +375,14 @@ bool Engine::step() {
     if (seq.generated == 0 || batch.seqs[i].num_new > 1) seq.prefilled += batch.seqs[i].num_new;
     counters_.prompt_tokens += batch.seqs[i].num_new > 1 ? batch.seqs[i].num_new : 0;
     if (seq.kv_len < int(seq.tokens.size())) continue;  // more prompt to prefill
-    const std::span<const float> row(logits.data() + i * vocab, vocab);
-    SampledToken tok = seq.sampler.sample(row, seq.tokens, seq.prompt_end);
+    SampledToken tok;
+    if (device_greedy) {
+      tok.token = chosen[i].first;
+      tok.logprob = chosen[i].second;
+    } else {
+      const std::span<const float> row(logits.data() + i * vocab, vocab);
+      tok = seq.sampler.sample(row, seq.tokens, seq.prompt_end);
+    }
     ++seq.generated;
     ++counters_.generated_tokens;
     const GenerationConfig& gen = seq.request.gen;

@@ -129,9 +129,33 @@ KvCacheLayout Model::kv_layout(int num_blocks, int block_len, int quant_bits) co
 
 std::vector<float> Model::forward(const std::vector<int>& ids, const BatchLayout& batch,
                                   KvCacheStorage& cache, bool all_logits) {
+  return backend_.download(run_step(ids, batch, cache, all_logits, false)).to_f32();
+}
+
+std::vector<std::pair<int, float>> Model::forward_greedy(const std::vector<int>& ids,
+                                                         const BatchLayout& batch, KvCacheStorage& cache) {
+  const std::vector<float> rows = backend_.download(run_step(ids, batch, cache, false, true)).to_f32();
+  std::vector<std::pair<int, float>> out;
+  for (size_t i = 0; i + 1 < rows.size(); i += 2) out.emplace_back(int(rows[i]), rows[i + 1]);
+  return out;
+}
+
+DeviceTensor Model::run_step(const std::vector<int>& ids, const BatchLayout& batch, KvCacheStorage& cache,
+                             bool all_logits, bool greedy) {
   const int64_t T = static_cast<int64_t>(ids.size());
   if (T != batch.num_tokens()) fail("forward: ", T, " token ids for a batch of ", batch.num_tokens());
   Backend& be = backend_;
+  // Observers read activations between ops, which a replayed graph does not run one by one.
+  bool decode = !all_logits && !observer_ && T > 0;
+  for (const SeqSlice& s : batch.seqs) decode &= s.num_new == 1;
+  // Abandons the graph step when an op throws, so that the backend's stream is usable again.
+  struct GraphStep {
+    Backend& be;
+    bool active;
+    ~GraphStep() {
+      if (active) be.end_graph_step(false);
+    }
+  } graph{be, decode && be.begin_graph_step(batch)};
   const int H = spec_.hidden, heads = spec_.heads;
   const int qkv_cols = spec_.q_size() + 2 * spec_.kv_size();
   DeviceTensor residual = be.alloc(act_, {T, H});
@@ -181,12 +205,26 @@ std::vector<float> Model::forward(const std::vector<int>& ids, const BatchLayout
   } else {
     for (const SeqSlice& s : batch.seqs) rows.push_back(s.token_offset + s.num_new - 1);
   }
-  DeviceTensor last = be.alloc(act_, {int64_t(rows.size()), H});
-  be.gather_rows(normed, rows, last);
+  bool every_row = int64_t(rows.size()) == T;  // all logits, or a decode step
+  for (size_t i = 0; i < rows.size() && every_row; ++i) every_row = rows[i] == int(i);
+  DeviceTensor last = normed;
+  if (!every_row) {
+    last = be.alloc(act_, {int64_t(rows.size()), H});
+    be.gather_rows(normed, rows, last);
+  }
   // fp32 logits: in 16 bits the top two often round to one value and greedy choices flip.
-  DeviceTensor logits = be.alloc(DType::F32, {int64_t(rows.size()), spec_.vocab});
-  be.linear(last, lm_head_, logits);
-  return be.download(logits).to_f32();
+  DeviceTensor result = be.alloc(DType::F32, {int64_t(rows.size()), spec_.vocab});
+  be.linear(last, lm_head_, result);
+  if (greedy) {
+    DeviceTensor chosen = be.alloc(DType::F32, {int64_t(rows.size()), 2});
+    be.greedy(result, chosen);
+    result = chosen;
+  }
+  if (graph.active) {
+    graph.active = false;
+    if (!be.end_graph_step(true)) return run_step(ids, batch, cache, all_logits, greedy);
+  }
+  return result;
 }
 
 }  // namespace lmd

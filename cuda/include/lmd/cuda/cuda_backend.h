@@ -47,6 +47,9 @@ class CudaBackend final : public Backend {
                  const KvCacheStorage& cache, DeviceTensor& out) override;
   void silu_mul(const DeviceTensor& gate_up, DeviceTensor& out) override;
   void gather_rows(const DeviceTensor& x, const std::vector<int>& rows, DeviceTensor& out) override;
+  void greedy(const DeviceTensor& logits, DeviceTensor& out) override;
+  bool begin_graph_step(const BatchLayout& batch) override;
+  bool end_graph_step(bool launch) override;
 
   // The stream every op is queued on (for timing with events and graph capture).
   void* stream() const;
@@ -54,6 +57,12 @@ class CudaBackend final : public Backend {
   // tensor-core GEMV (at most 64 rows). The default is the measured crossover; tests and benchmarks
   // force each path with this.
   void set_w4a16_dense_from(int rows);
+  // Decode-step graphs so far: shapes captured, steps replayed, shapes that fell back to eager steps.
+  struct GraphCounts {
+    int captured = 0, failed = 0;
+    int64_t replayed = 0;
+  };
+  GraphCounts graph_counts() const;
 
  private:
   // Copies `values` to the device unless they equal what `slot` holds already (the per-step batch
@@ -62,6 +71,15 @@ class CudaBackend final : public Backend {
   // out[tokens, outf] = x W^T for a dense [outf, in] weight in x's dtype, through cuBLAS.
   void gemm(const DeviceTensor& x, const void* weight, int64_t in, int64_t outf, int64_t tokens,
             DeviceTensor& out);
+  // Grows the int4 linears' shared workspaces (split-K partials and counters, dense weight) to fit an
+  // in x outf linear at any row count.
+  void reserve_w4a16_workspace(int64_t in, int64_t outf, DType compute);
+  // Copies per-step integers to the device: eagerly into `keep` (a pool tensor), or in a graph step into
+  // the graph's metadata buffer, uploaded by end_graph_step.
+  const int* stage(const std::vector<int>& values, DeviceTensor& keep);
+  DeviceTensor pool_alloc(DType dtype, Shape shape);
+  // True while a graph step replays: ops plan but launch nothing.
+  bool replaying() const;
 
   std::unique_ptr<CudaState> state_;
   std::optional<DType> activation_;

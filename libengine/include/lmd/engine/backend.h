@@ -121,6 +121,22 @@ class Backend {
   virtual void silu_mul(const DeviceTensor& gate_up, DeviceTensor& out) = 0;
   // out [rows.size(), cols] = x[rows].
   virtual void gather_rows(const DeviceTensor& x, const std::vector<int>& rows, DeviceTensor& out) = 0;
+  // Greedy choice per row of fp32 logits [rows, vocab]: out fp32 [rows, 2] = (token, its log-probability
+  // under the row's softmax); the lowest id wins a tie (as std::max_element). The token is stored as a
+  // float, exact for vocabularies below 2^24.
+  virtual void greedy(const DeviceTensor& logits, DeviceTensor& out) = 0;
+
+  // CUDA graphs for decode steps (a plan/run split). Model::forward brackets a step in which every
+  // sequence adds one token with begin_graph_step / end_graph_step. A backend that returns true records
+  // the launches of the ops in between into a graph keyed by the step's shape and replays that graph on
+  // later steps of the same shape: there the ops only plan (check arguments, stage their per-step
+  // metadata), and end_graph_step uploads the metadata and launches the graph. Tensors allocated inside
+  // the bracket live in memory the graph owns: results must be read before the next step of that shape.
+  // end_graph_step(false) abandons the step (an op threw). end_graph_step(true) returns false when the
+  // step's work was not queued (its capture failed): the caller runs the step again, and the backend runs
+  // steps of that shape eagerly from then on. The default: no graphs, ops run as called.
+  virtual bool begin_graph_step(const BatchLayout&) { return false; }
+  virtual bool end_graph_step(bool /*launch*/) { return true; }
 };
 
 }  // namespace lmd

@@ -35,6 +35,7 @@ class CpuBackend final : public Backend {
                  const KvCacheStorage& cache, DeviceTensor& out) override;
   void silu_mul(const DeviceTensor& gate_up, DeviceTensor& out) override;
   void gather_rows(const DeviceTensor& x, const std::vector<int>& rows, DeviceTensor& out) override;
+  void greedy(const DeviceTensor& logits, DeviceTensor& out) override;
 
  private:
   ThreadPool pool_;

@@ -6,6 +6,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "lmd/core/checkpoint.h"
@@ -46,8 +47,17 @@ class Model {
   // new token when `all_logits`.
   std::vector<float> forward(const std::vector<int>& ids, const BatchLayout& batch, KvCacheStorage& cache,
                              bool all_logits = false);
+  // forward() for a step whose sequences pick their next token greedily: the backend takes the argmax,
+  // so only (token, log-probability) per sequence comes back instead of [sequences, vocab] logits.
+  std::vector<std::pair<int, float>> forward_greedy(const std::vector<int>& ids, const BatchLayout& batch,
+                                                    KvCacheStorage& cache);
 
  private:
+  // The ops of one step; returns the logits, or the greedy (token, logprob) rows when `greedy`. Decode
+  // steps (one new token per sequence) run as the backend's graphs when it has them.
+  DeviceTensor run_step(const std::vector<int>& ids, const BatchLayout& batch, KvCacheStorage& cache,
+                        bool all_logits, bool greedy);
+
   ModelSpec spec_;
   Backend& backend_;
   DType act_;
