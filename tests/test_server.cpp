@@ -201,6 +201,103 @@ TEST_CASE("Streamed calls in other shapes come whole; broken ones are content or
   CHECK(parse_tool_calls(ToolFormat::Llama31, cut).content == cut);
 }
 
+TEST_CASE("A required or named tool_choice prefills the call's opening; the reply continues it",
+          "[server][tools]") {
+  struct Case {
+    ToolFormat format;
+    std::string function;  // empty: required
+    std::string prefill;   // exactly what the prompt ends with
+    std::string reply;     // what the model writes after it
+  };
+  const std::vector<Case> cases = {
+      {ToolFormat::InternLM2, "", "<|action_start|><|plugin|>\n",
+       "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}"},
+      {ToolFormat::InternLM2, "get_weather",
+       "<|action_start|><|plugin|>\n{\"name\": \"get_weather\", \"parameters\": ", "{\"city\": \"Paris\"}}"},
+      {ToolFormat::Llama31, "", "<function=", "get_weather>{\"city\": \"Paris\"}</function>"},
+      {ToolFormat::Llama31, "get_weather", "<function=get_weather>", "{\"city\": \"Paris\"}</function>"},
+      {ToolFormat::Qwen25, "", "<tool_call>\n",
+       "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"},
+      {ToolFormat::Qwen25, "get_weather",
+       "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": ", "{\"city\": \"Paris\"}}\n</tool_call>"},
+  };
+  const std::string args = "{\"city\": \"Paris\"}";
+  for (const Case& c : cases) {
+    CAPTURE(tool_format_name(c.format), c.function);
+    CHECK(tool_call_prefill(c.format, c.function) == c.prefill);
+
+    const ParsedReply whole = parse_tool_calls(c.format, c.reply, c.prefill);
+    REQUIRE(whole.calls.size() == 1);
+    CHECK(whole.content.empty());
+    CHECK(whole.calls[0].name == "get_weather");
+    CHECK(whole.calls[0].arguments == args);
+
+    for (size_t piece : {size_t(1), size_t(3), c.reply.size()}) {
+      CAPTURE(piece);
+      ToolCallStream stream(c.format, c.prefill);
+      std::string content;
+      std::vector<ToolCallDelta> deltas;
+      auto add = [&](const ReplyDelta& d) {
+        content += d.content;
+        deltas.insert(deltas.end(), d.calls.begin(), d.calls.end());
+      };
+      for (size_t pos = 0; pos < c.reply.size(); pos += piece) add(stream.push(c.reply.substr(pos, piece)));
+      add(stream.finish());
+      CHECK_FALSE(stream.malformed());
+      CHECK(content.empty());
+      // The first delta opens the call with its name, even when the name was in the prefill; the
+      // arguments follow in fragments as they are generated.
+      REQUIRE(deltas.size() >= 2);
+      CHECK(deltas[0].name == "get_weather");
+      CHECK(deltas[0].arguments.empty());
+      std::string streamed_args;
+      for (size_t i = 1; i < deltas.size(); ++i) {
+        CHECK(deltas[i].index == 0);
+        CHECK(deltas[i].name.empty());
+        streamed_args += deltas[i].arguments;
+      }
+      CHECK(streamed_args == args);
+      if (piece == 1) CHECK(deltas.size() == 1 + args.size());
+    }
+
+    // A continuation that is not a call is returned as the documented malformed reply: the whole text,
+    // prefill included, as content.
+    const ParsedReply broken = parse_tool_calls(c.format, "I'd rather not.", c.prefill);
+    CHECK(broken.calls.empty());
+    CHECK(broken.content == c.prefill + "I'd rather not.");
+  }
+  // A name is written as a JSON string in the JSON formats.
+  CHECK(tool_call_prefill(ToolFormat::Qwen25, "a\"b") ==
+        "<tool_call>\n{\"name\": \"a\\\"b\", \"arguments\": ");
+}
+
+TEST_CASE("The prompt ends with the prefill for required and named tool_choice only", "[server][tools]") {
+  const json tools = {{{"type", "function"}, {"function", {{"name", "get_weather"}}}},
+                      {{"type", "function"}, {"function", {{"name", "get_time"}}}}};
+  for (const std::string name : {"internlm2", "llama3", "qwen2.5"}) {
+    CAPTURE(name);
+    const ChatTemplate tmpl = ChatTemplate::builtin(name);
+    const ToolFormat format = tool_format_for_template(name);
+    json body = {{"messages", {{{"role", "user"}, {"content", "Weather?"}}}}, {"tools", tools}};
+    const std::string generation_prompt = tmpl.render({{"user", "Weather?"}}, true);
+    const std::string assistant = generation_prompt.substr(generation_prompt.rfind("Weather?") + 8);
+
+    for (const json& choice :
+         {json("auto"), json("required"), json{{"type", "function"}, {"function", {{"name", "get_time"}}}}}) {
+      CAPTURE(choice.dump());
+      body["tool_choice"] = choice;
+      const ChatRequest request = parse_chat_request(body);
+      const std::string prefill = reply_prefill(format, request);
+      CHECK(prefill == (choice == "auto"       ? ""
+                        : choice == "required" ? tool_call_prefill(format, "")
+                                               : tool_call_prefill(format, "get_time")));
+      // Right after the assistant's turn header.
+      const std::string prompt = render_chat_prompt(tmpl, request);
+      CHECK(prompt.ends_with(assistant + prefill));
+    }
+  }
+}
+
 TEST_CASE("A rendered tool call parses back to itself in every format", "[server][tools]") {
   const ToolCall call{"get_weather", "{\"city\":\"Paris\",\"days\":3}"};
   for (ToolFormat format : {ToolFormat::InternLM2, ToolFormat::Llama31, ToolFormat::Qwen25}) {

@@ -427,47 +427,74 @@ class ToolCallTest(unittest.TestCase):
         self.assertEqual(len({c.id for c in message.tool_calls}), len(calls))
         self.assertTrue(all(c.type == "function" and c.id.startswith("call_") for c in message.tool_calls))
 
+    def check_replies(self, server, request, content, calls):
+        """The request's reply, non-streamed and streamed, comes back as `content` and `calls`."""
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        whole = client.chat.completions.create(**request).choices[0]
+        self.assertEqual(whole.finish_reason, "tool_calls")
+        self.check_calls(whole.message, content, calls)
+
+        # The openai package's own accumulator puts the streamed deltas together.
+        argument_pieces = 0
+        with client.chat.completions.stream(**request) as stream:
+            for event in stream:
+                argument_pieces += event.type == "tool_calls.function.arguments.delta"
+            final = stream.get_final_completion().choices[0]
+        self.assertEqual(final.finish_reason, "tool_calls")
+        self.check_calls(final.message, content or None, calls)
+        # The arguments arrived in pieces as they were generated, not whole.
+        self.assertGreater(argument_pieces, 3 * len(calls))
+
+        # The raw chunks: a call opens with its id, type, name and empty arguments; the pieces after it
+        # carry arguments only.
+        chunks = client.chat.completions.create(**request, stream=True)
+        opened = {}
+        for chunk in chunks:
+            delta = chunk.choices[0].delta if chunk.choices else None
+            for call in (delta.tool_calls or []) if delta else []:
+                if call.index not in opened:
+                    self.assertTrue(call.id and call.type == "function" and call.function.name)
+                    self.assertEqual(call.function.arguments, "")
+                    opened[call.index] = call.function.name
+                else:
+                    self.assertIsNone(call.id)
+                    self.assertIsNone(call.function.name)
+                    self.assertTrue(call.function.arguments)
+        self.assertEqual(list(opened.values()), [name for name, _ in calls])
+
     def test_tool_calls_stream_as_deltas(self):
         for template, (reply, content, calls) in self.CASES.items():
             with self.subTest(template=template):
                 server = ScriptedServer(template, reply)
                 try:
-                    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-                    request = dict(model="stories260K", tools=WEATHER_TOOLS,
-                                   messages=[{"role": "user", "content": "Weather and time?"}])
-                    whole = client.chat.completions.create(**request).choices[0]
-                    self.assertEqual(whole.finish_reason, "tool_calls")
-                    self.check_calls(whole.message, content, calls)
-
-                    # The openai package's own accumulator puts the streamed deltas together.
-                    argument_pieces = 0
-                    with client.chat.completions.stream(**request) as stream:
-                        for event in stream:
-                            argument_pieces += event.type == "tool_calls.function.arguments.delta"
-                        final = stream.get_final_completion().choices[0]
-                    self.assertEqual(final.finish_reason, "tool_calls")
-                    self.check_calls(final.message, content or None, calls)
-                    # The arguments arrived in pieces as they were generated, not whole.
-                    self.assertGreater(argument_pieces, 3 * len(calls))
-
-                    # The raw chunks: a call opens with its id, type, name and empty arguments; the
-                    # pieces after it carry arguments only.
-                    chunks = client.chat.completions.create(**request, stream=True)
-                    opened = {}
-                    for chunk in chunks:
-                        delta = chunk.choices[0].delta if chunk.choices else None
-                        for call in (delta.tool_calls or []) if delta else []:
-                            if call.index not in opened:
-                                self.assertTrue(call.id and call.type == "function" and call.function.name)
-                                self.assertEqual(call.function.arguments, "")
-                                opened[call.index] = call.function.name
-                            else:
-                                self.assertIsNone(call.id)
-                                self.assertIsNone(call.function.name)
-                                self.assertTrue(call.function.arguments)
-                    self.assertEqual(list(opened.values()), [name for name, _ in calls])
+                    self.check_replies(server, dict(model="stories260K", tools=WEATHER_TOOLS,
+                                                    messages=[{"role": "user", "content": "Weather and time?"}]),
+                                       content, calls)
                 finally:
                     self.assertEqual(server.stop(), 0)
+
+    # Per template: what the model writes after the prompt's prefilled call opening, for tool_choice
+    # required (the opening marker is in the prompt) and for a named function (its name is too).
+    FORCED_CASES = {
+        "qwen": ('{"name": "get_time", "arguments": {"city": "Oslo"}}\n</tool_call>',
+                 '{"city": "Oslo"}}\n</tool_call>'),
+        "llama3": ('get_time>{"city": "Oslo"}</function>', '{"city": "Oslo"}</function>'),
+        "internlm2": ('{"name": "get_time", "parameters": {"city": "Oslo"}}', '{"city": "Oslo"}}'),
+    }
+
+    def test_required_and_named_tool_choice_continue_the_prefilled_call(self):
+        named = {"type": "function", "function": {"name": "get_time"}}
+        for template, (required_reply, named_reply) in self.FORCED_CASES.items():
+            for tool_choice, reply in (("required", required_reply), (named, named_reply)):
+                with self.subTest(template=template, tool_choice=tool_choice):
+                    server = ScriptedServer(template, reply)
+                    try:
+                        self.check_replies(server, dict(model="stories260K", tools=WEATHER_TOOLS,
+                                                        tool_choice=tool_choice,
+                                                        messages=[{"role": "user", "content": "Time in Oslo?"}]),
+                                           None, [("get_time", {"city": "Oslo"})])
+                    finally:
+                        self.assertEqual(server.stop(), 0)
 
 
 def main():

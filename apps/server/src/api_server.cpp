@@ -362,18 +362,19 @@ void ApiServer::Impl::handle_chat(const httplib::Request& req, httplib::Response
   const ServedModel& m = served();
   const ToolFormat tool_format = request_tool_format(*m.chat_template, request);
   const std::string prompt = render_chat_prompt(*m.chat_template, request);
+  const std::string prefill = reply_prefill(tool_format, request);  // the prompt's end, the reply's start
   auto slot = admit();
   auto generation = generate({m.tokenizer->encode(prompt, m.chat_template->add_bos())}, request.options);
 
   struct ChoiceState {
-    explicit ChoiceState(ToolFormat format) : splitter(format) {}
+    ChoiceState(ToolFormat format, std::string_view prefill) : splitter(format, prefill) {}
     ToolCallStream splitter;  // streamed responses
     std::string text;         // non-streamed ones, parsed when complete
     std::vector<TokenLogprob> logprobs;
     std::string finish_reason;
   };
-  auto choices =
-      std::make_shared<std::vector<ChoiceState>>(generation->num_choices(), ChoiceState(tool_format));
+  auto choices = std::make_shared<std::vector<ChoiceState>>(generation->num_choices(),
+                                                            ChoiceState(tool_format, prefill));
   const std::string id = "chatcmpl-" + random_hex(24);
   const int64_t created = unix_time();
   const GenerationOptions opts = request.options;
@@ -406,7 +407,7 @@ void ApiServer::Impl::handle_chat(const httplib::Request& req, httplib::Response
                      {"choices", json::array()}};
       for (size_t i = 0; i < choices->size(); ++i) {
         const ChoiceState& c = (*choices)[i];
-        const ParsedReply parsed = parse_tool_calls(tool_format, c.text);
+        const ParsedReply parsed = parse_tool_calls(tool_format, c.text, prefill);
         const bool called = !parsed.calls.empty();
         json message = {{"role", "assistant"}};
         message["content"] = parsed.content.empty() && called ? json() : json(parsed.content);

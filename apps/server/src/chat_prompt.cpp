@@ -55,6 +55,12 @@ ToolFormat request_tool_format(const ChatTemplate& tmpl, const ChatRequest& requ
   return format;
 }
 
+std::string reply_prefill(ToolFormat format, const ChatRequest& request) {
+  if (request.named_tool_choice) return tool_call_prefill(format, request.tool_choice);
+  if (request.tool_choice == "required") return tool_call_prefill(format, {});
+  return {};
+}
+
 std::string render_chat_prompt(const ChatTemplate& tmpl, const ChatRequest& request) {
   const ToolFormat format = request_tool_format(tmpl, request);
   std::vector<ChatMessage> messages;
@@ -86,7 +92,7 @@ std::string render_chat_prompt(const ChatTemplate& tmpl, const ChatRequest& requ
     messages.push_back({m.role, std::move(content)});
   }
   try {
-    return tmpl.render(messages, true);
+    return tmpl.render(messages, true) + reply_prefill(format, request);
   } catch (const Error& e) {
     invalid_param("messages", e.what());
   }

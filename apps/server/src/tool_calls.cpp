@@ -231,11 +231,31 @@ std::string tool_call_start(ToolFormat format) {
   return {};
 }
 
-ParsedReply parse_tool_calls(ToolFormat format, std::string_view text) {
-  ToolCallStream stream(format);
+std::string tool_call_prefill(ToolFormat format, std::string_view function) {
+  // Spaced as the models write their calls (unlike json::dump), so that the prompt reads as their own text.
+  const std::string name = json(std::string(function)).dump();
+  switch (format) {
+    case ToolFormat::InternLM2: {
+      const std::string start = std::string(kInternLM2Start) + std::string(kInternLM2Plugin) + "\n";
+      return function.empty() ? start : start + "{\"name\": " + name + ", \"parameters\": ";
+    }
+    case ToolFormat::Llama31:
+      return std::string(kLlama31Start) + (function.empty() ? "" : std::string(function) + ">");
+    case ToolFormat::Qwen25: {
+      const std::string start = std::string(kQwen25Start) + "\n";
+      return function.empty() ? start : start + "{\"name\": " + name + ", \"arguments\": ";
+    }
+    case ToolFormat::None:
+      break;
+  }
+  return {};
+}
+
+ParsedReply parse_tool_calls(ToolFormat format, std::string_view text, std::string_view prefill) {
+  ToolCallStream stream(format, prefill);
   ReplyDelta reply = stream.push(text);
   ReplyDelta rest = stream.finish();
-  if (stream.num_calls() == 0 || stream.malformed()) return {std::string(text), {}};
+  if (stream.num_calls() == 0 || stream.malformed()) return {std::string(prefill) + std::string(text), {}};
   ParsedReply parsed{std::string(trim(reply.content + rest.content)),
                      std::vector<ToolCall>(stream.num_calls())};
   reply.calls.insert(reply.calls.end(), rest.calls.begin(), rest.calls.end());
@@ -246,8 +266,8 @@ ParsedReply parse_tool_calls(ToolFormat format, std::string_view text) {
   return parsed;
 }
 
-ToolCallStream::ToolCallStream(ToolFormat format)
-    : format_(format), start_(tool_call_start(format)), end_(call_end(format)) {}
+ToolCallStream::ToolCallStream(ToolFormat format, std::string_view prefill)
+    : format_(format), start_(tool_call_start(format)), end_(call_end(format)), text_(prefill) {}
 
 ReplyDelta ToolCallStream::push(std::string_view text) {
   ReplyDelta out;
@@ -382,12 +402,12 @@ std::string render_tool_call(ToolFormat format, const ToolCall& call) {
   if (args.is_discarded()) args = json::object();
   switch (format) {
     case ToolFormat::InternLM2:
-      return std::string(kInternLM2Start) + std::string(kInternLM2Plugin) + "\n" +
-             json{{"name", call.name}, {"parameters", args}}.dump() + std::string(kInternLM2End);
+      return tool_call_prefill(format, {}) + json{{"name", call.name}, {"parameters", args}}.dump() +
+             std::string(kInternLM2End);
     case ToolFormat::Llama31:
-      return std::string(kLlama31Start) + call.name + ">" + args.dump() + std::string(kLlama31End);
+      return tool_call_prefill(format, call.name) + args.dump() + std::string(kLlama31End);
     case ToolFormat::Qwen25:
-      return std::string(kQwen25Start) + "\n" + json{{"name", call.name}, {"arguments", args}}.dump() + "\n" +
+      return tool_call_prefill(format, {}) + json{{"name", call.name}, {"arguments", args}}.dump() + "\n" +
              std::string(kQwen25End);
     case ToolFormat::None:
       break;

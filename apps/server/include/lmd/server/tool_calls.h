@@ -25,6 +25,11 @@ const char* tool_format_name(ToolFormat format);
 // The text that opens a call in the reply; streaming holds the reply back from here on.
 std::string tool_call_start(ToolFormat format);
 
+// The opening of a call, up to where the model's choice begins: the start marker (and for InternLM2 the
+// plugin tag) when `function` is empty, and with a `function` also its name, so that only the arguments
+// are left to write. A prompt that ends with it makes a call binding without constraining decoding.
+std::string tool_call_prefill(ToolFormat format, std::string_view function);
+
 struct ToolCall {
   std::string name;
   std::string arguments;  // a JSON object, as text (what OpenAI puts in function.arguments)
@@ -36,7 +41,9 @@ struct ParsedReply {
 };
 
 // A whole reply: its calls, or (when there are none, or one does not parse) the reply as content.
-ParsedReply parse_tool_calls(ToolFormat format, std::string_view text);
+// `prefill`: the text the prompt ended with (see tool_call_prefill), which begins the reply; `text` is
+// what the model generated after it.
+ParsedReply parse_tool_calls(ToolFormat format, std::string_view text, std::string_view prefill = {});
 
 // A piece of a streamed tool call, as OpenAI streams them: a call's first piece carries its name and
 // no arguments, later pieces carry fragments of the arguments' text.
@@ -57,10 +64,12 @@ struct ReplyDelta {
 // is known and its arguments have begun as a JSON object, and the arguments' text is passed on as it
 // is generated. A call in any other shape (arguments before the name, arguments as a string) is held
 // until it ends and then sent whole; if it does not parse, its text becomes content. Text between and
-// after calls is sent at the end, trimmed. With ToolFormat::None all text is content.
+// after calls is sent at the end, trimmed. With ToolFormat::None all text is content (and there is no
+// prefill). `prefill` begins the reply as in parse_tool_calls; what it yields comes with the first push
+// (or finish).
 class ToolCallStream {
  public:
-  explicit ToolCallStream(ToolFormat format);
+  explicit ToolCallStream(ToolFormat format, std::string_view prefill = {});
   ReplyDelta push(std::string_view text);
   // At the end of the reply: what was held back.
   ReplyDelta finish();
