@@ -75,6 +75,7 @@ class ScriptedBackend final : public Backend {
     inner_.attention(qkv, batch, layer, heads, cache, out);
   }
   void silu_mul(const DeviceTensor& gate_up, DeviceTensor& out) override { inner_.silu_mul(gate_up, out); }
+  void greedy(const DeviceTensor& logits, DeviceTensor& out) override { inner_.greedy(logits, out); }
   void gather_rows(const DeviceTensor& x, const std::vector<int>& rows, DeviceTensor& out) override {
     inner_.gather_rows(x, rows, out);
   }
