@@ -511,14 +511,15 @@ void CudaBackend::reserve_w4a16_workspace(int64_t in, int64_t outf, DType comput
   CudaState& st = *state_;
   const cuda::W4Plan plan = cuda::w4a16_plan(cuda::kW4GemvMaxRows, int(in), int(outf), st.sms);
   auto grow = [&](DeviceTensor& t, DType dtype, int64_t n) {
-    if (t.numel() >= n && t.dtype == dtype) return false;
+    if (t.numel() >= n) return false;
     t = pool_alloc(dtype, {n});
     return true;
   };
   grow(st.w4_partials, DType::F32, plan.partial_floats());
   if (grow(st.w4_counters, DType::I32, plan.blocks_n))
     LMD_CUDA_CHECK(cudaMemsetAsync(st.w4_counters.data, 0, st.w4_counters.nbytes(), st.stream));
-  grow(st.w4_dense, compute, in * outf);
+  // Raw bytes: linears prepared for different activation dtypes (tests do) share the one buffer.
+  grow(st.w4_dense, DType::U8, in * outf * int64_t(dtype_size(compute)));
 }
 
 void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTensor& out) {
@@ -539,7 +540,7 @@ void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTen
     cuda::w4a16_gemv(x.dtype, x.data, int(in), w.group_size, w.qweight.as<int32_t>(), w.scales.data, plan,
                      st.w4_partials.as<float>(), st.w4_counters.as<int>(), out.data, st.stream);
   } else {
-    if (st.w4_dense.dtype != x.dtype || st.w4_dense.numel() < in * outf)
+    if (st.w4_dense.nbytes() < size_t(in * outf) * dtype_size(x.dtype))
       fail("CUDA linear: the int4 dequantization workspace was not reserved for ", dtype_name(x.dtype), " ",
            in, "x", outf);
     cuda::w4a16_dequantize(x.dtype, int(in), int(outf), w.group_size, w.qweight.as<int32_t>(), w.scales.data,
