@@ -66,7 +66,7 @@ done
 PEAK=$(grep -h -m1 "device-to-device copy" "$LOGS"/bench-*.log 2>/dev/null | grep -oE "[0-9]+ GB/s" | grep -oE "[0-9]+" | head -1)
 
 ASSETS=${LMD_TEST_ASSETS:-$ROOT/../shared}
-LMD=$BUILD/apps/lmd
+LMD=$BUILD/lmd
 [[ -x $LMD ]] || LMD=$(find "$BUILD" -name lmd -type f -perm -u+x | head -1)
 e2e_rc=0
 for shape in ${LMD_GPU_CHECK_MODELS-llama2-7b internlm2-1.8b}; do

@@ -4,7 +4,7 @@
 A real server runs on a loopback port with the tiny stories260K model; the official `openai` package
 (pip install openai) drives it, and raw sockets send what no well-behaved client would.
 
-    python3 tests/e2e/test_server.py --lmd build/apps/lmd --assets ../shared [-v] [-k PATTERN]
+    python3 tests/e2e/test_server.py --lmd build/lmd --assets ../shared [-v] [-k PATTERN]
 """
 import argparse
 import http.client
@@ -500,7 +500,7 @@ class ToolCallTest(unittest.TestCase):
 def main():
     global ARGS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lmd", default="build/apps/lmd", help="the lmd executable")
+    parser.add_argument("--lmd", default="build/lmd", help="the lmd executable")
     parser.add_argument("--assets", default=os.environ.get("LMD_TEST_ASSETS", "../shared"),
                         help="the shared test assets (models/stories260K)")
     parser.add_argument("--log-dir", default=None, help="where server logs go (default: a temporary folder)")

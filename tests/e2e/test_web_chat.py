@@ -5,7 +5,7 @@ A real server runs stories260K on a loopback port; the browser types messages, w
 stream in, sends a second turn, stops a reply early and reads the tokens/s display. Needs Debian's
 `chromium` and `chromium-driver` and `pip install selenium`; without them it says so and exits 0.
 
-    python3 tests/e2e/test_web_chat.py --lmd build/apps/lmd --assets ../shared [-v]
+    python3 tests/e2e/test_web_chat.py --lmd build/lmd --assets ../shared [-v]
 """
 import argparse
 import json
@@ -158,7 +158,7 @@ class WebChatTest(unittest.TestCase):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lmd", default="build/apps/lmd", help="the lmd executable")
+    parser.add_argument("--lmd", default="build/lmd", help="the lmd executable")
     parser.add_argument("--assets", default=os.environ.get("LMD_TEST_ASSETS", "../shared"),
                         help="the shared test assets (models/stories260K)")
     parser.add_argument("--log-dir", default=None, help="where server logs go (default: a temporary folder)")
