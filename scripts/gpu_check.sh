@@ -116,6 +116,10 @@ if [[ "${LMD_GPU_KV:-0}" == 1 ]]; then
     echo "-- Llama-2-7B shape, --quant-policy $qp, batch 64, 2048-token prompts"
     grep -E "KV cache|quantized KV" "$LOGS/kv-$qp.log" | head -3
     grep -E "^ *(batch| +[0-9]+ +[0-9]+ +[0-9]+ )" "$LOGS/kv-$qp.log" || tail -3 "$LOGS/kv-$qp.log"
+    python3 -c 'import json, sys; r = json.load(open(sys.argv[1]))["results"][0]
+print("steady decode %.1f tok/s (%.1f GB/s), decode %.1f tok/s, p50 token gap %.2f ms, %d preemptions" % (
+    r["steady_decode_tokens_per_s"], r["steady_achieved_gb_per_s"], r["decode_tokens_per_s"],
+    1e3 * r["token_latency_s"]["p50"], r["preemptions"]))' "$LOGS/kv-$qp.json" 2>/dev/null
   done
 fi
 exit $((tests_rc != 0 || bench_rc != 0 || e2e_rc != 0 || kv_rc != 0))

@@ -225,6 +225,8 @@ TEST_CASE("bench generation: stories260K profile has consistent figures", "[benc
     CHECK(r["decode_tokens_per_s"].get<double>() > 0);
     CHECK(r["output_tokens_per_s"].get<double>() > 0);
     CHECK(r["achieved_gb_per_s"].get<double>() > 0);
+    CHECK(r["steady_decode_tokens_per_s"].get<double>() > 0);
+    CHECK(r["steady_achieved_gb_per_s"].get<double>() > 0);
     CHECK(r["fraction_of_peak_bandwidth"].get<double>() > 0);
     CHECK(r["peak_memory_bytes"].get<double>() > 0);
   }
@@ -234,6 +236,7 @@ TEST_CASE("bench generation: stories260K profile has consistent figures", "[benc
   const std::string csv = read_file(csv_path);
   CHECK(std::count(csv.begin(), csv.end(), '\n') == 3);  // header + 2 rows
   CHECK(csv.rfind("batch,prompt_tokens,completion_tokens", 0) == 0);
+  CHECK(csv.find(",steady_decode_tokens_per_s,") != std::string::npos);
 
   const CommandResult short_session =
       run_lmd("bench generation " + test::model_dir("stories260K").string() +

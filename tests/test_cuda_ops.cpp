@@ -227,11 +227,19 @@ TEST_CASE("cuda: rope_kv_write and paged attention match the CPU", "[gpu]") {
                           << " block " << c.block_len);
       run_attention_case(gpu, cpu, c, dt, 0, rng, worst);
     }
+  // Quantized caches: decode items run the register-resident kernel for head_dim 64 and 128 (GQA up to
+  // 8, split-K) and the tile kernel for head_dim 8, whose rows are narrower than a 16-byte load.
   for (int bits : {8, 4})
-    for (const AttnCase& c : {cases[1], cases[6]}) {
-      INFO("KV int" << bits << " heads " << c.heads << "/" << c.kv_heads << " head_dim " << c.head_dim);
-      run_attention_case(gpu, cpu, c, DType::F16, bits, rng, worst);
-    }
+    for (int i : {1, 2, 3, 4, 5, 6})
+      for (DType dt : {DType::F16, DType::BF16}) {
+        const AttnCase& c = cases[i];
+        if (dt == DType::BF16 && i != 3) continue;
+        INFO("KV int" << bits << " " << dtype_name(dt) << " heads " << c.heads << "/" << c.kv_heads
+                      << " head_dim " << c.head_dim << " block " << c.block_len);
+        const KvCacheLayout L{2, c.kv_heads, c.head_dim, c.block_len, 1, bits};
+        CHECK(cuda_decode_attention_v2(dt, L) == (c.head_dim >= 64));
+        run_attention_case(gpu, cpu, c, dt, bits, rng, worst);
+      }
   worst.report();
 }
 

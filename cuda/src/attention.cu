@@ -12,6 +12,7 @@
 // Layouts: q rows are read from qkv [tokens, (heads + 2 kv_heads) * head_dim]; out [tokens, heads *
 // head_dim]; a partial slot is float [kv_heads, max_rows, 2 + head_dim] = (m, l, acc[head_dim]).
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda_check.h"
 #include "kv_cache.cuh"
@@ -189,55 +190,115 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// Decode items (one query token; version 2 of the decode path, unquantized caches). Version 1 (the
-// kernel above) copies 32-key tiles through shared memory and had a single warp per 32 keys in flight:
-// 20 us a layer at context 128 and 981 GB/s of K/V at context 4096 on an H200 (docs/benchmarks.md).
-// Here K and V are read straight into registers: L = head_dim * sizeof(T) / 16 lanes hold one key's row
-// as one 16-byte vector each, so a warp reads 32 / L keys per step and U steps are issued before any is
-// used (U * 32 / L keys, 2 * U loads per lane in flight). Each lane group keeps its own online-softmax
-// state for its slice of the head dims; groups merge by shuffles, warps through shared memory, and the
-// result (or the split's partial slot) is written as version 1 writes it, so combine_kernel is shared.
-template <class T, int R>
+// One 16-byte vector of a cache row as E floats, before the row's (scale, zero) is applied. Quantized
+// codes become exact integers without I2F (quarter rate on Hopper, which would make int4 decode compute-
+// bound): the code is OR-ed into the mantissa of 2^23 and 2^23 subtracted (int8: one PRMT per byte).
+// int4 nibble k of a word is masked in place, so it comes out as code * 16^k; weight(e) = 16^-k undoes
+// that (the word is shifted by 12 once, so that k <= 4 keeps every nibble inside the mantissa).
+template <class T, int BITS>
+struct CacheVec;
+template <class T>
+struct CacheVec<T, 0> {
+  static constexpr int E = 16 / sizeof(T);
+  static __device__ __forceinline__ float weight(int) { return 1.f; }
+  static __device__ __forceinline__ void unpack(const uint4& v, float (&x)[E]) {
+    const T* t = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] = to_f32(t[e]);
+  }
+};
+template <class T>
+struct CacheVec<T, 8> {
+  static constexpr int E = 16;
+  static __device__ __forceinline__ float weight(int) { return 1.f; }
+  static __device__ __forceinline__ void unpack(const uint4& v, float (&x)[E]) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(&v);
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+      x[e] = __uint_as_float(__byte_perm(w[e / 4], 0x4B000000u, 0x7440u | (e % 4))) - 8388608.f;
+  }
+};
+template <class T>
+struct CacheVec<T, 4> {
+  static constexpr int E = 32;
+  static __device__ __forceinline__ int shift(int e) { return e % 8 < 3 ? 4 * (e % 8) : 4 * (e % 8 - 3); }
+  static __device__ __forceinline__ float weight(int e) { return 1.f / float(1 << shift(e)); }
+  static __device__ __forceinline__ void unpack(const uint4& v, float (&x)[E]) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(&v);
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const uint32_t word = e % 8 < 3 ? w[e / 8] : w[e / 8] >> 12;
+      x[e] = __uint_as_float((word & (0xFu << shift(e))) | 0x4B000000u) - 8388608.f;
+    }
+  }
+};
+
+// Decode items (one query token; version 2 of the decode path, for fp16/bf16/fp32 and int8/int4 caches).
+// Version 1 (the kernel above) copies 32-key tiles through shared memory and had a single warp per 32 keys
+// in flight: 20 us a layer at context 128 and 981 GB/s of K/V at context 4096 on an H200
+// (docs/benchmarks.md); with int8/int4 caches on it, `lmd bench generation` at batch 64 x 2048 tokens ran
+// slower than with fp16 (125.2 / 170.2 against 251.7 tok/s on an H100). Here K and V are read straight into
+// registers: L = row bytes / 16 lanes hold one key's row as one 16-byte vector each (E = 8 fp16, 16 int8 or
+// 32 int4 values), so a warp reads 32 / L keys per step and U steps are issued before any is used (U * 32 /
+// L keys, 2 * U loads per lane in flight). Quantized rows are never dequantized element by element: with x
+// = c * scale + zero,
+//   q.k = scale * sum(q c) + zero * sum(q)  and  sum p v = sum (p scale) c + sum p zero,
+// so each code costs one FMA, like an fp16 value. Each lane group keeps its own online-softmax state for
+// its slice of the head dims; groups merge by shuffles, warps through shared memory, and the result (or the
+// split's partial slot) is written as version 1 writes it, so combine_kernel is shared. A block holds up to
+// R rows (a register budget, see launch_decode); larger GQA groups are dealt over blockIdx.z, whose blocks
+// read the same K/V close together in time (from L2, presumably; not measured).
+template <class T, int BITS, int R>
 __global__ void __launch_bounds__(kWarps * 32)
     decode_kernel(const T* qkv, int heads, KvGeometry g, const AttnWork* work, const int* blocks,
-                  const T* cache, int lanes, int max_rows, float* partials, T* out, float scale) {
-  constexpr int E = 16 / sizeof(T);  // elements in a 16-byte vector
+                  const void* cache, const uint32_t* params, int lanes, int max_rows, float* partials, T* out,
+                  float scale) {
+  using Vec = CacheVec<T, BITS>;
+  constexpr int E = Vec::E;
   constexpr int U = 4;
   extern __shared__ __align__(16) unsigned char smem[];
   const AttnWork w = work[blockIdx.x];
-  const int kvhead = blockIdx.y, hd = g.head_dim, group = heads / g.kv_heads;
+  const int kvhead = blockIdx.y, hd = g.head_dim, group = heads / g.kv_heads, row0 = blockIdx.z * R;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, sub = lane % lanes, slot = lane / lanes;
-  const int keys_per_step = 32 / lanes, rows = w.head_count;
-  const int64_t qkv_row = int64_t(heads + 2 * g.kv_heads) * hd;
+  const int keys_per_step = 32 / lanes, rows = min(R, w.head_count - row0);
+  if (rows <= 0) return;  // uniform over the block
+  const int64_t qkv_row = int64_t(heads + 2 * g.kv_heads) * hd, row_bytes = int64_t(lanes) * 16;
   const int* seq_blocks = blocks + w.block_off;
+  const unsigned char* data = static_cast<const unsigned char*>(cache);
 
-  float q[R][E], m[R], l[R], acc[R][E];
+  // q is pre-multiplied by the softmax scale and by weight(e); qsum is this lane's sum(q) for the
+  // zero-point term. zacc carries sum(p zero) beside acc, which holds sum(p scale c) / weight(e).
+  float q[R][E], qsum[R], m[R], l[R], acc[R][E], zacc[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    m[r] = -INFINITY, l[r] = 0.f;
-    uint4 raw = make_uint4(0, 0, 0, 0);
-    if (r < rows) {
-      const int head = kvhead * group + w.head_begin + r;
-      raw = reinterpret_cast<const uint4*>(qkv + w.token_begin * qkv_row + int64_t(head) * hd)[sub];
-    }
-    const T* qt = reinterpret_cast<const T*>(&raw);
+    m[r] = -INFINITY, l[r] = 0.f, qsum[r] = 0.f, zacc[r] = 0.f;
+    const T* qt = qkv + w.token_begin * qkv_row + int64_t(kvhead * group + w.head_begin + row0 + r) * hd;
 #pragma unroll
-    for (int e = 0; e < E; ++e) q[r][e] = to_f32(qt[e]) * scale, acc[r][e] = 0.f;
+    for (int e = 0; e < E; ++e) {
+      q[r][e] = r < rows ? to_f32(qt[sub * E + e]) * scale : 0.f;
+      qsum[r] += q[r][e];
+      q[r][e] *= Vec::weight(e);
+      acc[r][e] = 0.f;
+    }
   }
 
   const int step = U * keys_per_step;
   for (int base = w.kv_begin + warp * step; base < w.kv_end; base += kWarps * step) {
     uint4 kx[U], vx[U];
+    uint32_t kp[U], vp[U];  // (scale, zero) as two fp16 halves
     bool valid[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int pos = base + u * keys_per_step + slot;
       valid[u] = pos < w.kv_end;
       kx[u] = vx[u] = make_uint4(0, 0, 0, 0);
+      kp[u] = vp[u] = 0;
       if (valid[u]) {
         const int block = seq_blocks[pos / g.block_len], at = pos % g.block_len;
-        kx[u] = reinterpret_cast<const uint4*>(cache + cache_row(g, block, 0, kvhead, at) * hd)[sub];
-        vx[u] = reinterpret_cast<const uint4*>(cache + cache_row(g, block, 1, kvhead, at) * hd)[sub];
+        const int64_t krow = cache_row(g, block, 0, kvhead, at), vrow = cache_row(g, block, 1, kvhead, at);
+        kx[u] = reinterpret_cast<const uint4*>(data + krow * row_bytes)[sub];
+        vx[u] = reinterpret_cast<const uint4*>(data + vrow * row_bytes)[sub];
+        if constexpr (BITS != 0) kp[u] = params[krow], vp[u] = params[vrow];
       }
     }
 #pragma unroll
@@ -246,10 +307,14 @@ __global__ void __launch_bounds__(kWarps * 32)
       float sc[U], mx = m[r];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const T* kt = reinterpret_cast<const T*>(&kx[u]);
-        float dot = 0.f;
+        float x[E], dot = 0.f;
+        Vec::unpack(kx[u], x);
 #pragma unroll
-        for (int e = 0; e < E; ++e) dot += q[r][e] * to_f32(kt[e]);
+        for (int e = 0; e < E; ++e) dot += q[r][e] * x[e];
+        if constexpr (BITS != 0) {
+          const float2 sz = __half22float2(*reinterpret_cast<const __half2*>(&kp[u]));
+          dot = dot * sz.x + qsum[r] * sz.y;
+        }
         for (int o = 1; o < lanes; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
         sc[u] = valid[u] ? dot : -INFINITY;
         mx = fmaxf(mx, sc[u]);
@@ -257,19 +322,30 @@ __global__ void __launch_bounds__(kWarps * 32)
       // No branch on mx: lanes of other groups may still need this warp's shuffles.
       const float ref = mx == -INFINITY ? 0.f : mx, corr = expf(m[r] - ref);
       l[r] *= corr;
+      zacc[r] *= corr;
 #pragma unroll
       for (int e = 0; e < E; ++e) acc[r][e] *= corr;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const float p = expf(sc[u] - ref);
-        const T* vt = reinterpret_cast<const T*>(&vx[u]);
+        float p = expf(sc[u] - ref), x[E];
         l[r] += p;
+        if constexpr (BITS != 0) {
+          const float2 sz = __half22float2(*reinterpret_cast<const __half2*>(&vp[u]));
+          zacc[r] += p * sz.y;
+          p *= sz.x;
+        }
+        Vec::unpack(vx[u], x);
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[r][e] += p * to_f32(vt[e]);
+        for (int e = 0; e < E; ++e) acc[r][e] += p * x[e];
       }
       m[r] = mx;
     }
   }
+  if constexpr (BITS != 0)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[r][e] = acc[r][e] * Vec::weight(e) + zacc[r];
 
   // Merge the lane groups of each warp (lanes with equal `sub` hold the same dims), then the warps.
   float* merge = reinterpret_cast<float*>(smem);  // [warps][R][2 + hd]
@@ -305,11 +381,11 @@ __global__ void __launch_bounds__(kWarps * 32)
         a += src[2 + d] * f;
       }
     }
-    const int head = kvhead * group + w.head_begin + r;
+    const int head = kvhead * group + w.head_begin + row0 + r;
     if (w.partial < 0) {
       out[int64_t(w.token_begin) * heads * hd + int64_t(head) * hd + d] = from_f32<T>(a / lsum);
     } else {
-      float* dst = partials + ((int64_t(w.partial) * g.kv_heads + kvhead) * max_rows + r) * (2 + hd);
+      float* dst = partials + ((int64_t(w.partial) * g.kv_heads + kvhead) * max_rows + row0 + r) * (2 + hd);
       if (d == 0) dst[0] = mx, dst[1] = lsum;
       dst[2 + d] = a;
     }
@@ -374,35 +450,40 @@ void launch(const void* qkv, int heads, const KvGeometry& g, const AttnWork* wor
   LMD_CUDA_LAUNCHED();
 }
 
-// Lanes per key row for decode_kernel, or 0 where it does not apply (quantized caches; rows that are
-// not a power-of-two number of 16-byte vectors up to 32).
-template <class T>
-int decode_lanes(const KvGeometry& g) {
-  const int vectors = g.head_dim * int(sizeof(T)) / 16;
-  if (g.quant_bits != 0 || g.head_dim * int(sizeof(T)) % 16 != 0 || vectors > 32) return 0;
+// Lanes per key row for decode_kernel, or 0 where it does not apply: rows that are not a power-of-two
+// number of 16-byte vectors up to 32 (head_dim 8 in any dtype, int4 below 32 dims, 96 dims in any dtype,
+// fp32 at 256 dims); those decode items run version 1.
+int decode_lanes(int elem_bytes, const KvGeometry& g) {
+  const int row_bytes = g.quant_bits == 0 ? g.head_dim * elem_bytes : g.quant_bits * g.head_dim / 8;
+  const int vectors = row_bytes / 16;
+  if (row_bytes % 16 != 0 || vectors == 0 || vectors > 32) return 0;
   return (vectors & (vectors - 1)) == 0 ? vectors : 0;
 }
 
-template <class T>
+template <class T, int BITS>
 void launch_decode(const void* qkv, int heads, const KvGeometry& g, const AttnWork* work, int num_work,
-                   const int* blocks, const void* cache, int lanes, int rows, float* partials, void* out,
-                   cudaStream_t stream) {
+                   const int* blocks, const void* cache, const uint16_t* params, int lanes, int rows,
+                   float* partials, void* out, cudaStream_t stream) {
+  // q and acc take 2 * R * E registers. Compiled for sm_90a: fp16 R = 8 fits (224 registers); int8
+  // spills at R = 4 and int4 needs 255 at R = 2, so quantized caches keep R * E <= 32 (128 registers).
+  constexpr int E = CacheVec<T, BITS>::E, kMaxR = BITS == 0 ? std::min(8, 64 / E) : 32 / E;
   const int max_rows = attn_max_rows(g.head_dim);
   auto run = [&](auto kernel, int r) {
     const size_t smem = size_t(kWarps) * r * (2 + g.head_dim) * sizeof(float);
-    kernel<<<dim3(num_work, g.kv_heads), kWarps * 32, smem, stream>>>(
-        static_cast<const T*>(qkv), heads, g, work, blocks, static_cast<const T*>(cache), lanes, max_rows,
-        partials, static_cast<T*>(out), 1.f / sqrtf(float(g.head_dim)));
+    const dim3 grid(num_work, g.kv_heads, (rows + r - 1) / r);
+    kernel<<<grid, kWarps * 32, smem, stream>>>(
+        static_cast<const T*>(qkv), heads, g, work, blocks, cache, reinterpret_cast<const uint32_t*>(params),
+        lanes, max_rows, partials, static_cast<T*>(out), 1.f / sqrtf(float(g.head_dim)));
     LMD_CUDA_LAUNCHED();
   };
-  if (rows <= 1) {
-    run(decode_kernel<T, 1>, 1);
-  } else if (rows <= 2) {
-    run(decode_kernel<T, 2>, 2);
-  } else if (rows <= 4) {
-    run(decode_kernel<T, 4>, 4);
+  if (rows <= 1 || kMaxR == 1) {
+    run(decode_kernel<T, BITS, 1>, 1);
+  } else if (rows <= 2 || kMaxR == 2) {
+    run(decode_kernel<T, BITS, std::min(2, kMaxR)>, std::min(2, kMaxR));
+  } else if (rows <= 4 || kMaxR == 4) {
+    run(decode_kernel<T, BITS, std::min(4, kMaxR)>, std::min(4, kMaxR));
   } else {
-    run(decode_kernel<T, 8>, 8);
+    run(decode_kernel<T, BITS, kMaxR>, kMaxR);
   }
 }
 
@@ -416,6 +497,8 @@ int dims_per_lane(int head_dim) {
 
 int attn_max_rows(int head_dim) { return dims_per_lane(head_dim) <= 4 ? 8 : 4; }
 
+bool attn_decode_v2(int elem_bytes, const KvGeometry& g) { return decode_lanes(elem_bytes, g) > 0; }
+
 int64_t attn_partial_floats(int num_partials, const KvGeometry& g) {
   return int64_t(num_partials) * g.kv_heads * attn_max_rows(g.head_dim) * (2 + g.head_dim);
 }
@@ -428,9 +511,18 @@ void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, con
   const int dpl = dims_per_lane(g.head_dim);
   dispatch_float(dtype, [&](auto t) {
     using T = decltype(t);
-    if (const int lanes = decode_lanes<T>(g); lanes > 0 && num_decode > 0) {
-      launch_decode<T>(qkv, heads, g, work, num_decode, blocks, cache, lanes, decode_rows, partials, out,
-                       stream);
+    if (const int lanes = decode_lanes(sizeof(T), g); lanes > 0 && num_decode > 0) {
+      auto decode = [&](auto bits) {
+        launch_decode<T, decltype(bits)::value>(qkv, heads, g, work, num_decode, blocks, cache, params, lanes,
+                                                decode_rows, partials, out, stream);
+      };
+      if (g.quant_bits == 8) {
+        decode(std::integral_constant<int, 8>());
+      } else if (g.quant_bits == 4) {
+        decode(std::integral_constant<int, 4>());
+      } else {
+        decode(std::integral_constant<int, 0>());
+      }
       work += num_decode;
       num_work -= num_decode;
     }

@@ -167,6 +167,12 @@ bool cuda_device_available() {
   return ok;
 }
 
+bool cuda_decode_attention_v2(DType activation, const KvCacheLayout& layout) {
+  const cuda::KvGeometry g{layout.layers,    layout.kv_heads, layout.head_dim, layout.block_len, 0,
+                           layout.quant_bits};
+  return cuda::attn_decode_v2(int(dtype_size(activation)), g);
+}
+
 std::string cuda_device_name(int device) {
   if (!cuda_device_available()) return "";
   cudaDeviceProp p{};

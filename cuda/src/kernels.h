@@ -58,8 +58,12 @@ struct AttnCombine {
 // Rows one work item may hold for this head_dim (register budget of the accumulators).
 int attn_max_rows(int head_dim);
 
+// Whether one-token items over this cache run the register-resident decode kernel (version 2) rather
+// than the general one.
+bool attn_decode_v2(int elem_bytes, const KvGeometry& g);
+
 // The first `num_decode` work items have one token and at most `decode_rows` rows each: they run the
-// decode kernel where it applies (unquantized caches), the rest the general one.
+// decode kernel where it applies (attn_decode_v2), the rest the general one.
 void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, const AttnWork* work,
                int num_work, int num_decode, int decode_rows, const AttnCombine* combine, int num_combine,
                const int* blocks, const void* cache, const uint16_t* params, float* partials, void* out,

@@ -15,6 +15,9 @@ namespace lmd {
 bool cuda_device_available();
 // "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs, 79.1 GiB)", or "" without a device.
 std::string cuda_device_name(int device = 0);
+// Whether decode attention over this cache runs the register-resident kernel (version 2) rather than
+// the shared-memory tile kernel; tests use it to know which path they cover.
+bool cuda_decode_attention_v2(DType activation, const KvCacheLayout& layout);
 
 struct CudaState;
 
