@@ -148,9 +148,12 @@ struct AttnCase {
 
 // Fills each backend's cache with the sequences' contexts (one prefill step), then runs the new tokens:
 // rope_kv_write and attention are compared after both steps.
+// `static_params` (4 per layer) selects the offline per-layer int8 mode.
 void run_attention_case(CudaBackend& gpu, CpuBackend& cpu, const AttnCase& c, DType dt, int quant_bits,
-                        std::mt19937& rng, Worst& worst) {
-  const std::string kv_name = quant_bits == 0 ? "attention" : "attention KV int" + std::to_string(quant_bits);
+                        std::mt19937& rng, Worst& worst, const std::vector<float>& static_params = {}) {
+  const std::string kv_name = quant_bits == 0         ? "attention"
+                              : static_params.empty() ? "attention KV int" + std::to_string(quant_bits)
+                                                      : "attention KV static int8";
   const int layers = 2, layer = 1, qkv_cols = (c.heads + 2 * c.kv_heads) * c.head_dim;
   RopeConfig rope;
   rope.head_dim = c.head_dim;
@@ -168,6 +171,7 @@ void run_attention_case(CudaBackend& gpu, CpuBackend& cpu, const AttnCase& c, DT
     next += nb;
   }
   KvCacheLayout L{layers, c.kv_heads, c.head_dim, c.block_len, num_blocks, quant_bits};
+  L.static_params = static_params;
   KvCacheStorage ccache = cpu.alloc_kv_cache(L, DType::F32), gcache = gpu.alloc_kv_cache(L, dt);
 
   for (int step = 0; step < 2; ++step) {
@@ -240,6 +244,13 @@ TEST_CASE("cuda: rope_kv_write and paged attention match the CPU", "[gpu]") {
         CHECK(cuda_decode_attention_v2(dt, L) == (c.head_dim >= 64));
         run_attention_case(gpu, cpu, c, dt, bits, rng, worst);
       }
+  // Offline per-layer int8: scales and zeros exactly representable in fp16 (the GPU keeps them as fp16
+  // row parameters), so both backends dequantize to the same values. K/V here lie within [-2, 2).
+  const std::vector<float> fixed{1.f / 64, 0.f, 1.f / 64, 0.f, 1.f / 64, 0.f, 1.f / 64, 0.f};
+  for (int i : {1, 3, 4}) {
+    INFO("KV static int8 F16 case " << i);
+    run_attention_case(gpu, cpu, cases[i], DType::F16, 8, rng, worst, fixed);
+  }
   worst.report();
 }
 

@@ -1,11 +1,11 @@
 #include "runtime.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <random>
-
-#include <unistd.h>
 
 #include "lmd/core/error.h"
 #include "lmd/core/workspace.h"
@@ -60,11 +60,14 @@ std::unique_ptr<Backend> make_backend(const std::string& device, int cpu_threads
 #if defined(LMD_HAVE_CUDA)
   if (device == "cuda" || device == "auto") {
     if (cuda_device_available()) return std::make_unique<CudaBackend>();
-    if (device == "cuda") fail("--device cuda: no CUDA device is available on this machine (use --device cpu)");
+    if (device == "cuda")
+      fail("--device cuda: no CUDA device is available on this machine (use --device cpu)");
   }
 #else
   if (device == "cuda")
-    fail("--device cuda: this lmd was built without the CUDA backend (rebuild with a CUDA toolkit, or use --device cpu)");
+    fail(
+        "--device cuda: this lmd was built without the CUDA backend (rebuild with a CUDA toolkit, or use "
+        "--device cpu)");
 #endif
   if (device != "auto") fail("--device must be auto, cpu or cuda, got '", device, "'");
   return std::make_unique<CpuBackend>(cpu_threads);
@@ -112,11 +115,11 @@ std::unique_ptr<Runtime> load_runtime(const std::string& model_path, const cli::
     }
   });
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  log << (tty ? "\r" : "") << "lmd: " << arch_name(spec.arch) << ", " << spec.layers << " layers, hidden " << spec.hidden << ", "
-      << spec.heads << " heads / " << spec.kv_heads << " KV heads, vocab " << spec.vocab << ", "
-      << millions(spec.param_count()) << " params, " << (spec.awq.enabled ? "awq int4 + " : "")
-      << dtype_name(spec.dtype) << " weights, " << gib(rt->model->weight_bytes()) << ", loaded in " << secs
-      << " s\n";
+  log << (tty ? "\r" : "") << "lmd: " << arch_name(spec.arch) << ", " << spec.layers << " layers, hidden "
+      << spec.hidden << ", " << spec.heads << " heads / " << spec.kv_heads << " KV heads, vocab "
+      << spec.vocab << ", " << millions(spec.param_count()) << " params, "
+      << (spec.awq.enabled ? "awq int4 + " : "") << dtype_name(spec.dtype) << " weights, "
+      << gib(rt->model->weight_bytes()) << ", loaded in " << secs << " s\n";
   log << "lmd: chat template " << rt->chat_template->name() << "\n";
 
   EngineConfig& cfg = rt->engine_config;
@@ -129,10 +132,6 @@ std::unique_ptr<Runtime> load_runtime(const std::string& model_path, const cli::
   // Offline per-layer KV int8 (`lite kv_qparams`) applies unless --quant-policy asks for online quantization.
   const bool static_kv = ws_config && ws_config->engine.static_kv_int8 && cfg.quant_bits == 0;
   if (static_kv) {
-    if (rt->backend->kind() != DeviceKind::CPU)
-      fail(config_file.string(),
-           " sets static_kv_int8 = 1, which runs on the CPU backend only for now: use "
-           "--device cpu, or --quant-policy 8 for online int8 KV");
     cfg.quant_bits = 8;
     cfg.kv_static_params = read_static_kv_params(*workspace, spec.layers);
   }
@@ -173,8 +172,8 @@ std::unique_ptr<Runtime> load_runtime(const std::string& model_path, const cli::
         << dtype_name(rt->model->activation_dtype()) << " KV cache\n";
   }
   if (tokens < cfg.session_len)
-    log << "lmd: warning: --session-len " << cfg.session_len << " does not fit in the KV cache; at most " << tokens
-        << " tokens fit (raise --cache-max-entry-count or lower --session-len)\n";
+    log << "lmd: warning: --session-len " << cfg.session_len << " does not fit in the KV cache; at most "
+        << tokens << " tokens fit (raise --cache-max-entry-count or lower --session-len)\n";
   rt->engine = std::make_unique<Engine>(*rt->model, cfg);
   return rt;
 }

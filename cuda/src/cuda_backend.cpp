@@ -598,9 +598,14 @@ void CudaBackend::rope_kv_write(DeviceTensor& qkv, const BatchLayout& batch, int
   const int* dev = upload_meta(0, meta);
   if (replaying()) return;
   const cuda::KvGeometry g{L.layers, L.kv_heads, L.head_dim, L.block_len, layer, L.quant_bits};
+  cuda::StaticKvParams fixed;
+  if (L.is_static()) {
+    const float* p = L.static_params.data() + int64_t(layer) * 4;
+    fixed = {true, p[0], p[1], p[2], p[3]};
+  }
   cuda::rope_kv_write(qkv.dtype, qkv.data, tokens, heads, g, dev, dev + tokens, dev + 2 * tokens, dev,
                       reinterpret_cast<const float*>(dev + freq_off), cache.data.data,
-                      cache.params.empty() ? nullptr : cache.params.as<uint16_t>(), state_->stream);
+                      cache.params.empty() ? nullptr : cache.params.as<uint16_t>(), fixed, state_->stream);
 }
 
 void CudaBackend::attention(const DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,

@@ -32,11 +32,20 @@ struct KvGeometry {
   int quant_bits;  // 0, 8 or 4
 };
 
+// Offline per-layer int8 KV (`lite kv_qparams`): the layer's fixed (scale, zero) for K and V, applied as
+// the CPU reference does (signed q = round((x - zero) / scale) in [-128, 127]). The cache keeps the
+// online int8 format: q + 128 with per-row params (scale, zero - 128 * scale), so the attention kernels
+// read both modes alike.
+struct StaticKvParams {
+  bool enabled = false;
+  float k_scale = 0, k_zero = 0, v_scale = 0, v_zero = 0;
+};
+
 // meta: int32 [tokens] sequence index, [tokens] position, [seqs] offset of the sequence's block list
 // in `blocks`, then the block lists; inv_freq: fp32 [seqs, head_dim / 2].
 void rope_kv_write(DType dtype, void* qkv, int tokens, int heads, const KvGeometry& g, const int* token_seq,
                    const int* token_pos, const int* seq_block_off, const int* blocks, const float* inv_freq,
-                   void* cache, uint16_t* params, cudaStream_t stream);
+                   void* cache, uint16_t* params, const StaticKvParams& fixed, cudaStream_t stream);
 
 // One unit of attention work: `token_count` consecutive new tokens of one sequence times `head_count`
 // query heads of one KV-head group (rows = tokens x heads <= kAttnMaxRows), over cache positions

@@ -17,7 +17,7 @@ template <class T>
 __global__ void __launch_bounds__(kRopeWarps * 32)
     rope_kv_kernel(T* qkv, int heads, KvGeometry g, const int* token_seq, const int* token_pos,
                    const int* seq_block_off, const int* blocks, const float* inv_freq, void* cache,
-                   uint16_t* params) {
+                   uint16_t* params, StaticKvParams fixed) {
   extern __shared__ float stage[];  // [warps][head_dim]: one head's row in fp32, for quantization
   const int t = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int h = blockIdx.y * kRopeWarps + warp;
@@ -49,6 +49,16 @@ __global__ void __launch_bounds__(kRopeWarps * 32)
   if (g.quant_bits == 0) {
     T* dst = static_cast<T*>(cache) + index * hd;
     for (int d = lane; d < hd; d += 32) dst[d] = from_f32<T>(buf[d]);
+  } else if (fixed.enabled) {
+    const float scale = kv == 0 ? fixed.k_scale : fixed.v_scale, zero = kv == 0 ? fixed.k_zero : fixed.v_zero;
+    const float inv = scale > 0.f ? 1.f / scale : 0.f;
+    uint8_t* dst = static_cast<uint8_t*>(cache) + index * kv_row_bytes(g);
+    for (int d = lane; d < hd; d += 32)
+      dst[d] = uint8_t(min(max(int(rintf((buf[d] - zero) * inv)), -128), 127) + 128);
+    if (lane == 0) {
+      params[index * 2] = __half_as_ushort(__float2half_rn(scale));
+      params[index * 2 + 1] = __half_as_ushort(__float2half_rn(zero - 128.f * scale));
+    }
   } else {
     // K is quantized from its unrounded rotated values, like the fp32 reference.
     float lo = INFINITY, hi = -INFINITY;
@@ -78,14 +88,16 @@ __global__ void __launch_bounds__(kRopeWarps * 32)
 
 void rope_kv_write(DType dtype, void* qkv, int tokens, int heads, const KvGeometry& g, const int* token_seq,
                    const int* token_pos, const int* seq_block_off, const int* blocks, const float* inv_freq,
-                   void* cache, uint16_t* params, cudaStream_t stream) {
+                   void* cache, uint16_t* params, const StaticKvParams& fixed, cudaStream_t stream) {
   if (tokens == 0) return;
+  if (fixed.enabled && g.quant_bits != 8) fail("static KV parameters need an int8 cache");
   const size_t smem = size_t(kRopeWarps) * g.head_dim * sizeof(float);
   dispatch_float(dtype, [&](auto t) {
     using T = decltype(t);
     const dim3 grid(tokens, (heads + 2 * g.kv_heads + kRopeWarps - 1) / kRopeWarps);
-    rope_kv_kernel<T><<<grid, kRopeWarps * 32, smem, stream>>>(
-        static_cast<T*>(qkv), heads, g, token_seq, token_pos, seq_block_off, blocks, inv_freq, cache, params);
+    rope_kv_kernel<T><<<grid, kRopeWarps * 32, smem, stream>>>(static_cast<T*>(qkv), heads, g, token_seq,
+                                                               token_pos, seq_block_off, blocks, inv_freq,
+                                                               cache, params, fixed);
   });
   LMD_CUDA_LAUNCHED();
 }
