@@ -103,6 +103,21 @@ json usage_json(int prompt_tokens, int completion_tokens) {
           {"total_tokens", prompt_tokens + completion_tokens}};
 }
 
+// The end of an SSE stream: the usage chunk (stream_options.include_usage), then [DONE].
+std::string stream_end(bool include_usage, const std::string& id, const char* object, int64_t created,
+                       const std::string& model, int prompt_tokens, int completion_tokens) {
+  std::string out;
+  if (include_usage) {
+    out += sse({{"id", id},
+                {"object", object},
+                {"created", created},
+                {"model", model},
+                {"choices", json::array()},
+                {"usage", usage_json(prompt_tokens, completion_tokens)}});
+  }
+  return out + "data: [DONE]\n\n";
+}
+
 json utf8_bytes(const std::string& text) {
   json bytes = json::array();
   for (unsigned char c : text) bytes.push_back(int(c));
@@ -467,15 +482,8 @@ void ApiServer::Impl::handle_chat(const httplib::Request& req, httplib::Response
       chunk(d.index, json::object(), nullptr, finish_reason(d.finish_reason, c.splitter.num_calls() > 0));
     }
     if (more) return true;
-    if (opts.include_usage) {
-      out += sse({{"id", id},
-                  {"object", "chat.completion.chunk"},
-                  {"created", created},
-                  {"model", model_name},
-                  {"choices", json::array()},
-                  {"usage", usage_json(generation->prompt_tokens(), generation->completion_tokens())}});
-    }
-    out += "data: [DONE]\n\n";
+    out += stream_end(opts.include_usage, id, "chat.completion.chunk", created, model_name,
+                      generation->prompt_tokens(), generation->completion_tokens());
     (void)slot;  // held until the body is complete
     return false;
   });
@@ -572,15 +580,8 @@ void ApiServer::Impl::handle_completions(const httplib::Request& req, httplib::R
       chunk(choice_json(d.index, text, completion_logprobs(tokenizer, d.logprobs, c.offset), finish));
     }
     if (more) return true;
-    if (opts.include_usage) {
-      out += sse({{"id", id},
-                  {"object", "text_completion"},
-                  {"created", created},
-                  {"model", model_name},
-                  {"choices", json::array()},
-                  {"usage", usage_json(generation->prompt_tokens(), generation->completion_tokens())}});
-    }
-    out += "data: [DONE]\n\n";
+    out += stream_end(opts.include_usage, id, "text_completion", created, model_name,
+                      generation->prompt_tokens(), generation->completion_tokens());
     (void)slot;  // held until the body is complete
     return false;
   });
