@@ -11,6 +11,7 @@
 #include <fstream>
 #include <random>
 
+#include "cuda_test_support.h"
 #include "lmd/core/chat_template.h"
 #include "lmd/core/tokenizer.h"
 #include "lmd/cuda/cuda_backend.h"
@@ -20,14 +21,6 @@
 
 using namespace lmd;
 namespace fs = std::filesystem;
-
-#define LMD_REQUIRE_GPU()                                                 \
-  do {                                                                    \
-    if (!cuda_device_available()) {                                       \
-      WARN("no CUDA device or driver on this machine; GPU test skipped"); \
-      return;                                                             \
-    }                                                                     \
-  } while (0)
 
 namespace {
 
