@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <iomanip>
 #include <random>
 
 #include "lmd/core/error.h"
@@ -31,9 +32,14 @@ cli::EngineOptions with_workspace_defaults(cli::EngineOptions o, const Workspace
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
+// GiB, or MiB for the small models where GiB would read 0.00.
 std::string gib(double bytes) {
   char buf[32];
-  std::snprintf(buf, sizeof buf, "%.2f GiB", bytes / kGiB);
+  if (bytes < 0.1 * kGiB) {
+    std::snprintf(buf, sizeof buf, "%.1f MiB", bytes / (1024.0 * 1024.0));
+  } else {
+    std::snprintf(buf, sizeof buf, "%.2f GiB", bytes / kGiB);
+  }
   return buf;
 }
 
@@ -119,7 +125,8 @@ std::unique_ptr<Runtime> load_runtime(const std::string& model_path, const cli::
       << spec.hidden << ", " << spec.heads << " heads / " << spec.kv_heads << " KV heads, vocab "
       << spec.vocab << ", " << millions(spec.param_count()) << " params, "
       << (spec.awq.enabled ? "awq int4 + " : "") << dtype_name(spec.dtype) << " weights, "
-      << gib(rt->model->weight_bytes()) << ", loaded in " << secs << " s\n";
+      << gib(rt->model->weight_bytes()) << ", loaded in " << std::fixed << std::setprecision(2) << secs
+      << std::defaultfloat << " s\n";
   log << "lmd: chat template " << rt->chat_template->name() << "\n";
 
   EngineConfig& cfg = rt->engine_config;
