@@ -103,17 +103,19 @@ json usage_json(int prompt_tokens, int completion_tokens) {
           {"total_tokens", prompt_tokens + completion_tokens}};
 }
 
+// The fields every response object and stream chunk starts with; `choices` is filled by the caller.
+json response_envelope(const std::string& id, const char* object, int64_t created, const std::string& model) {
+  return {{"id", id}, {"object", object}, {"created", created}, {"model", model}, {"choices", json::array()}};
+}
+
 // The end of an SSE stream: the usage chunk (stream_options.include_usage), then [DONE].
 std::string stream_end(bool include_usage, const std::string& id, const char* object, int64_t created,
                        const std::string& model, int prompt_tokens, int completion_tokens) {
   std::string out;
   if (include_usage) {
-    out += sse({{"id", id},
-                {"object", object},
-                {"created", created},
-                {"model", model},
-                {"choices", json::array()},
-                {"usage", usage_json(prompt_tokens, completion_tokens)}});
+    json chunk = response_envelope(id, object, created, model);
+    chunk["usage"] = usage_json(prompt_tokens, completion_tokens);
+    out += sse(chunk);
   }
   return out + "data: [DONE]\n\n";
 }
@@ -415,11 +417,7 @@ void ApiServer::Impl::handle_chat(const httplib::Request& req, httplib::Response
         }
       }
       if (more) return true;
-      json result = {{"id", id},
-                     {"object", "chat.completion"},
-                     {"created", created},
-                     {"model", model_name},
-                     {"choices", json::array()}};
+      json result = response_envelope(id, "chat.completion", created, model_name);
       for (size_t i = 0; i < choices->size(); ++i) {
         const ChoiceState& c = (*choices)[i];
         const ParsedReply parsed = parse_tool_calls(tool_format, c.text, prefill);
@@ -444,14 +442,11 @@ void ApiServer::Impl::handle_chat(const httplib::Request& req, httplib::Response
   auto started = std::make_shared<bool>(false);
   send_chunked(res, "text/event-stream", ": keep-alive\n\n", [=, &tokenizer](std::string& out) {
     auto chunk = [&](size_t index, json delta, const json& logprobs, const json& finish_reason) {
-      json c = {{"id", id},
-                {"object", "chat.completion.chunk"},
-                {"created", created},
-                {"model", model_name},
-                {"choices", json::array({{{"index", index},
-                                          {"delta", std::move(delta)},
-                                          {"logprobs", logprobs},
-                                          {"finish_reason", finish_reason}}})}};
+      json c = response_envelope(id, "chat.completion.chunk", created, model_name);
+      c["choices"].push_back({{"index", index},
+                              {"delta", std::move(delta)},
+                              {"logprobs", logprobs},
+                              {"finish_reason", finish_reason}});
       if (opts.include_usage) c["usage"] = nullptr;
       out += sse(c);
     };
@@ -541,11 +536,7 @@ void ApiServer::Impl::handle_completions(const httplib::Request& req, httplib::R
         }
       }
       if (more) return true;
-      json result = {{"id", id},
-                     {"object", "text_completion"},
-                     {"created", created},
-                     {"model", model_name},
-                     {"choices", json::array()}};
+      json result = response_envelope(id, "text_completion", created, model_name);
       for (size_t i = 0; i < choices->size(); ++i) {
         const ChoiceState& c = (*choices)[i];
         result["choices"].push_back(choice_json(i, c.text, c.logprobs, c.finish_reason));
@@ -560,11 +551,8 @@ void ApiServer::Impl::handle_completions(const httplib::Request& req, httplib::R
 
   send_chunked(res, "text/event-stream", ": keep-alive\n\n", [=, &tokenizer](std::string& out) {
     auto chunk = [&](const json& choice) {
-      json c = {{"id", id},
-                {"object", "text_completion"},
-                {"created", created},
-                {"model", model_name},
-                {"choices", json::array({choice})}};
+      json c = response_envelope(id, "text_completion", created, model_name);
+      c["choices"].push_back(choice);
       if (opts.include_usage) c["usage"] = nullptr;
       out += sse(c);
     };
