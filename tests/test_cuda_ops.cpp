@@ -76,6 +76,46 @@ TEST_CASE("cuda: rmsnorm and add_rmsnorm match the CPU", "[gpu]") {
   worst.report();
 }
 
+TEST_CASE("cuda: the small-batch dense GEMV matches the CPU and cuBLAS", "[gpu]") {
+  LMD_REQUIRE_GPU();
+  CudaBackend gpu;
+  CpuBackend cpu(2);
+  std::mt19937 rng(12);
+  Worst worst;
+  for (DType dt : {DType::F16, DType::BF16})
+    for (DType out_dt : {dt, DType::F32})  // F32: the logits of a 16-bit model
+      for (int tokens : {1, 2, 3, 4})
+        // K of one partial 256-input pass (1000), of many (4104), a width that is not a multiple of the
+        // 8 outputs per block (173), and Llama-2-7B's fused gate|up.
+        for (auto [in, out] : {std::pair{1000, 173}, std::pair{4104, 64}, std::pair{4096, 22016}}) {
+          if (in * out > 4096 * 4096 && tokens > 1) continue;
+          INFO(dtype_name(dt) << " -> " << dtype_name(out_dt) << " tokens " << tokens << " " << in << "->"
+                              << out);
+          const auto x = rounded(random_values(rng, int64_t(tokens) * in), dt);
+          LinearWeight w;
+          w.weight = HostTensor::from_f32(rounded(random_values(rng, int64_t(out) * in, 0.05f), dt),
+                                          {int64_t(out) * in})
+                         .reshape({out, in});
+          DeviceLinear cl = cpu.prepare_linear(w, DType::F32), gl = gpu.prepare_linear(w, dt);
+          DeviceTensor cout = cpu.alloc(DType::F32, {tokens, out});
+          cpu.linear(on(cpu, x, {tokens, in}, DType::F32), cl, cout);
+          const DeviceTensor gx = on(gpu, x, {tokens, in}, dt);
+          std::vector<float> by_path[2];
+          for (int gemv : {1, 0}) {
+            gpu.set_dense_gemv_max_rows(gemv ? 4 : 0);
+            Guarded g = guarded(gpu, out_dt, {tokens, out});
+            gpu.linear(gx, gl, g.view);
+            check_written(gpu, g);
+            by_path[gemv] = values(gpu, g.view);
+            CHECK(worst.add(gemv ? "dense gemv" : "dense cuBLAS", dt,
+                            test::rel_error(by_path[gemv], values(cpu, cout))) < tolerance(dt));
+          }
+          CHECK(test::rel_error(by_path[1], by_path[0]) < tolerance(dt));
+        }
+  gpu.set_dense_gemv_max_rows(4);
+  worst.report();
+}
+
 TEST_CASE("cuda: linear, silu_mul, embedding and gather_rows match the CPU", "[gpu]") {
   LMD_REQUIRE_GPU();
   CudaBackend gpu;

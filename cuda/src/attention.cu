@@ -16,6 +16,7 @@
 
 #include "cuda_check.h"
 #include "kv_cache.cuh"
+#include "launch.cuh"
 
 namespace lmd::cuda {
 namespace {
@@ -253,6 +254,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     decode_kernel(const T* qkv, int heads, KvGeometry g, const AttnWork* work, const int* blocks,
                   const void* cache, const uint32_t* params, int lanes, int max_rows, float* partials, T* out,
                   float scale) {
+  chain_release();
+  chain_wait();
   using Vec = CacheVec<T, BITS>;
   constexpr int E = Vec::E;
   constexpr int U = 4;
@@ -395,6 +398,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 template <class T>
 __global__ void combine_kernel(int heads, KvGeometry g, const AttnCombine* combine, int max_rows,
                                const float* partials, T* out) {
+  chain_release();
+  chain_wait();
   const AttnCombine c = combine[blockIdx.x];
   const int kvhead = blockIdx.y, hd = g.head_dim, group = heads / g.kv_heads;
   const int rows = c.token_count * c.head_count;
@@ -471,9 +476,9 @@ void launch_decode(const void* qkv, int heads, const KvGeometry& g, const AttnWo
   auto run = [&](auto kernel, int r) {
     const size_t smem = size_t(kWarps) * r * (2 + g.head_dim) * sizeof(float);
     const dim3 grid(num_work, g.kv_heads, (rows + r - 1) / r);
-    kernel<<<grid, kWarps * 32, smem, stream>>>(
-        static_cast<const T*>(qkv), heads, g, work, blocks, cache, reinterpret_cast<const uint32_t*>(params),
-        lanes, max_rows, partials, static_cast<T*>(out), 1.f / sqrtf(float(g.head_dim)));
+    launch_chained(kernel, grid, kWarps * 32, smem, stream, qkv, heads, g, work, blocks, cache,
+                   reinterpret_cast<const uint32_t*>(params), lanes, max_rows, partials, out,
+                   1.f / sqrtf(float(g.head_dim)));
     LMD_CUDA_LAUNCHED();
   };
   if (rows <= 1 || kMaxR == 1) {
@@ -545,8 +550,8 @@ void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, con
         launch<T, 8>(qkv, heads, g, work, num_work, blocks, cache, params, partials, out, stream);
     }
     if (num_combine > 0) {
-      combine_kernel<T><<<dim3(num_combine, g.kv_heads), 128, 0, stream>>>(
-          heads, g, combine, attn_max_rows(g.head_dim), partials, static_cast<T*>(out));
+      launch_chained(combine_kernel<T>, dim3(num_combine, g.kv_heads), 128, 0, stream, heads, g, combine,
+                     attn_max_rows(g.head_dim), partials, out);
       LMD_CUDA_LAUNCHED();
     }
   });

@@ -116,6 +116,7 @@ struct CudaState {
   // counters (kept zero between launches), and the dense weight of the larger-batch path. Each only
   // grows; all use is ordered on the one stream.
   int w4_dense_from = kW4DenseFromRows;
+  int dense_gemv_max_rows = cuda::kDenseGemvMaxRows;
   DeviceTensor w4_partials, w4_counters, w4_dense;
 
   // Decode-step graphs (begin_graph_step), one per (sequences, block-table stride). The first step of a
@@ -302,7 +303,7 @@ DeviceLinear CudaBackend::prepare_linear(const LinearWeight& w, DType compute) {
     out.scales = alloc(DType::F16, {K / group, 2 * int64_t(N)});  // the (1024 + zero, scale) meta
     cuda::w4a16_relayout(qweight.as<int32_t>(), qzeros.as<int32_t>(), scales.data, K, N, group,
                          out.qweight.as<int32_t>(), out.scales.data, state_->stream);
-    reserve_w4a16_workspace(K, N, compute);
+    reserve_w4a16_workspace(K, N, group, compute);
   } else if (w.is_awq()) {
     // Shapes the tiles do not cover (never a Llama-family linear) run as dense GEMMs.
     out.weight = upload(dequantize_awq(w.qweight, w.qzeros, w.scales), compute);
@@ -511,18 +512,22 @@ void CudaBackend::gemm(const DeviceTensor& x, const void* weight, int64_t in, in
                                 cuda_type(out.dtype), int(outf), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-void CudaBackend::reserve_w4a16_workspace(int64_t in, int64_t outf, DType compute) {
+void CudaBackend::reserve_w4a16_workspace(int64_t in, int64_t outf, int group, DType compute) {
   // Sized at load for the largest int4 linear and any row count, so that linear() never allocates:
   // a decode-step graph captures these pointers and replays them later.
   CudaState& st = *state_;
-  const cuda::W4Plan plan = cuda::w4a16_plan(cuda::kW4GemvMaxRows, int(in), int(outf), st.sms);
+  int64_t partial_floats = 0;
+  for (int rows = 1; rows <= cuda::kW4GemvMaxRows; ++rows)
+    partial_floats =
+        std::max(partial_floats, cuda::w4a16_plan(rows, int(in), int(outf), group, st.sms).partial_floats());
+  const int blocks_n = cuda::w4a16_plan(1, int(in), int(outf), group, st.sms).blocks_n;
   auto grow = [&](DeviceTensor& t, DType dtype, int64_t n) {
     if (t.numel() >= n) return false;
     t = pool_alloc(dtype, {n});
     return true;
   };
-  grow(st.w4_partials, DType::F32, plan.partial_floats());
-  if (grow(st.w4_counters, DType::I32, plan.blocks_n))
+  grow(st.w4_partials, DType::F32, partial_floats);
+  if (grow(st.w4_counters, DType::I32, blocks_n))
     LMD_CUDA_CHECK(cudaMemsetAsync(st.w4_counters.data, 0, st.w4_counters.nbytes(), st.stream));
   // Raw bytes: linears prepared for different activation dtypes (tests do) share the one buffer.
   grow(st.w4_dense, DType::U8, in * outf * int64_t(dtype_size(compute)));
@@ -538,9 +543,14 @@ void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTen
   if (tokens == 0 || replaying()) return;
   CudaState& st = *state_;
   if (!w.is_int4()) {
-    gemm(x, w.weight.data, in, outf, tokens, out);
+    if (tokens <= st.dense_gemv_max_rows &&
+        cuda::dense_gemv_supported(x.dtype, out.dtype, int(tokens), int(in)))
+      cuda::dense_gemv(x.dtype, out.dtype, x.data, w.weight.data, int(tokens), int(in), int(outf), out.data,
+                       st.stream);
+    else
+      gemm(x, w.weight.data, in, outf, tokens, out);
   } else if (tokens < st.w4_dense_from && tokens <= cuda::kW4GemvMaxRows) {
-    const cuda::W4Plan plan = cuda::w4a16_plan(int(tokens), int(in), int(outf), st.sms);
+    const cuda::W4Plan plan = cuda::w4a16_plan(int(tokens), int(in), int(outf), w.group_size, st.sms);
     if (st.w4_partials.numel() < plan.partial_floats() || st.w4_counters.numel() < plan.blocks_n)
       fail("CUDA linear: the int4 workspace was not reserved for a ", in, "x", outf, " linear");
     cuda::w4a16_gemv(x.dtype, x.data, int(in), w.group_size, w.qweight.as<int32_t>(), w.scales.data, plan,
@@ -560,6 +570,10 @@ void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTen
 }
 
 void CudaBackend::set_w4a16_dense_from(int rows) { state_->w4_dense_from = rows; }
+void CudaBackend::set_dense_gemv_max_rows(int rows) {
+  state_->dense_gemv_max_rows = std::min(rows, cuda::kDenseGemvMaxRows);
+}
+int CudaBackend::dense_gemv_max_rows() const { return state_->dense_gemv_max_rows; }
 
 void CudaBackend::rope_kv_write(DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
                                 const RopeConfig& rope, KvCacheStorage& cache) {

@@ -5,6 +5,7 @@
 #include "cuda_check.h"
 #include "device_types.cuh"
 #include "kernels.h"
+#include "launch.cuh"
 
 namespace lmd::cuda {
 namespace {
@@ -30,6 +31,8 @@ struct alignas(sizeof(T) * V) Pack {
 // read in 16-byte packs.
 template <class T, int V>
 __global__ void rmsnorm_kernel(const T* x, T* residual, const T* w, float eps, int n, T* out) {
+  chain_release();
+  chain_wait();
   using P = Pack<T, V>;
   const int packs = n / V;
   const int64_t base = int64_t(blockIdx.x) * packs;
@@ -72,6 +75,8 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 template <class T>
 __global__ void silu_mul_kernel(const T* gu, int64_t rows, int inter, T* out) {
+  chain_release();
+  chain_wait();
   const int64_t total = rows * inter;
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < total;
        k += int64_t(gridDim.x) * blockDim.x) {
@@ -120,9 +125,7 @@ void rmsnorm(DType dtype, const void* x, void* residual, const void* w, float ep
     const bool packed = n % kV == 0 && aligned16(x) && aligned16(w) && aligned16(out) &&
                         (residual == nullptr || aligned16(residual));
     auto kernel = packed ? &rmsnorm_kernel<T, kV> : &rmsnorm_kernel<T, 1>;
-    kernel<<<unsigned(rows), kNormThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(residual),
-                                                        static_cast<const T*>(w), eps, n,
-                                                        static_cast<T*>(out));
+    launch_chained(kernel, unsigned(rows), kNormThreads, 0, stream, x, residual, w, eps, n, out);
   });
   LMD_CUDA_LAUNCHED();
 }
@@ -131,8 +134,8 @@ void silu_mul(DType dtype, const void* gate_up, int64_t rows, int inter, void* o
   if (rows == 0) return;
   dispatch_float(dtype, [&](auto t) {
     using T = decltype(t);
-    silu_mul_kernel<T><<<elementwise_blocks(rows * inter, 256), 256, 0, stream>>>(
-        static_cast<const T*>(gate_up), rows, inter, static_cast<T*>(out));
+    launch_chained(silu_mul_kernel<T>, elementwise_blocks(rows * inter, 256), 256, 0, stream, gate_up, rows,
+                   inter, out);
   });
   LMD_CUDA_LAUNCHED();
 }

@@ -12,6 +12,13 @@ namespace lmd::cuda {
 // out[i] = src[rows[i]] for rows of `row_bytes` bytes.
 void gather_rows(const void* src, const int* rows, int n, int64_t row_bytes, void* out, cudaStream_t stream);
 
+// out[rows, N] = x[rows, K] w[N, K]^T for 16-bit x and w, in the input dtype or fp32 (the logits): the
+// small-batch path of dense linears (dense_gemv.cu), used up to kDenseGemvMaxRows rows.
+inline constexpr int kDenseGemvMaxRows = 4;
+bool dense_gemv_supported(DType dtype, DType out_dtype, int rows, int K);
+void dense_gemv(DType dtype, DType out_dtype, const void* x, const void* w, int rows, int K, int N, void* out,
+                cudaStream_t stream);
+
 // out = x / rms(x) * w per row of n; when `residual` is set, residual += x first and the sum (rounded
 // to dtype) is normalised.
 void rmsnorm(DType dtype, const void* x, void* residual, const void* w, float eps, int64_t rows, int n,

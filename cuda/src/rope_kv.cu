@@ -7,6 +7,7 @@
 // took 2.4 of the 6.25 ms of a Llama-2-7B-shaped step on an H200 (docs/benchmarks.md).
 #include "cuda_check.h"
 #include "kv_cache.cuh"
+#include "launch.cuh"
 
 namespace lmd::cuda {
 namespace {
@@ -19,6 +20,8 @@ __global__ void __launch_bounds__(kRopeWarps * 32)
                    const int* seq_block_off, const int* blocks, const float* inv_freq, void* cache,
                    uint16_t* params, StaticKvParams fixed) {
   extern __shared__ float stage[];  // [warps][head_dim]: one head's row in fp32, for quantization
+  chain_release();
+  chain_wait();
   const int t = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int h = blockIdx.y * kRopeWarps + warp;
   const int hd = g.head_dim, half = hd / 2, kvh = g.kv_heads;
@@ -95,9 +98,8 @@ void rope_kv_write(DType dtype, void* qkv, int tokens, int heads, const KvGeomet
   dispatch_float(dtype, [&](auto t) {
     using T = decltype(t);
     const dim3 grid(tokens, (heads + 2 * g.kv_heads + kRopeWarps - 1) / kRopeWarps);
-    rope_kv_kernel<T><<<grid, kRopeWarps * 32, smem, stream>>>(static_cast<T*>(qkv), heads, g, token_seq,
-                                                               token_pos, seq_block_off, blocks, inv_freq,
-                                                               cache, params, fixed);
+    launch_chained(rope_kv_kernel<T>, grid, kRopeWarps * 32, smem, stream, qkv, heads, g, token_seq,
+                   token_pos, seq_block_off, blocks, inv_freq, cache, params, fixed);
   });
   LMD_CUDA_LAUNCHED();
 }

@@ -21,7 +21,7 @@
 namespace lmd::cuda {
 
 inline bool w4a16_supported(int64_t in, int64_t out, int group) {
-  return in % 64 == 0 && out % 32 == 0 && (group == 32 || group % 64 == 0) && in % group == 0;
+  return in % 64 == 0 && out % 32 == 0 && group >= 32 && (group & (group - 1)) == 0 && in % group == 0;
 }
 
 // AWQ qweight int32 [K, N/8], qzeros int32 [K/group, N/8], scales fp16 [K/group, N] (device) -> the
@@ -29,14 +29,14 @@ inline bool w4a16_supported(int64_t in, int64_t out, int group) {
 void w4a16_relayout(const int32_t* awq_qweight, const int32_t* awq_qzeros, const void* awq_scales, int K,
                     int N, int group, int32_t* qweight, void* meta, cudaStream_t stream);
 
-// Split-K plan of one GEMV launch: `splits` ranges of `k_tiles` 64-input tiles; each block owns 32
-// outputs of one range.
+// Split-K plan of one GEMV launch: `splits` ranges of `tiles_per_split` 64-input tiles; each block owns
+// 128 outputs of one range and stages that range of x (smem_bytes of shared memory).
 struct W4Plan {
-  int M = 0, N = 0, blocks_n = 0, splits = 1, k_tiles = 0;
+  int M = 0, N = 0, blocks_n = 0, splits = 1, tiles_per_split = 0, smem_bytes = 0;
   int64_t partial_floats() const { return splits > 1 ? int64_t(splits) * M * N : 0; }
 };
 // M: rows of x (1..kW4GemvMaxRows); sms: multiprocessors of the device.
-W4Plan w4a16_plan(int M, int K, int N, int sms);
+W4Plan w4a16_plan(int M, int K, int N, int group, int sms);
 inline constexpr int kW4GemvMaxRows = 64;
 
 // out[M, N] = x[M, K] W^T in `dtype` (F16, BF16 or F32; weights and x meet in fp16 on the tensor cores,

@@ -147,6 +147,10 @@ int main(int argc, char** argv) try {
   const auto [copy_ms, copy_gbs] = copy_bandwidth(be, stream);
 
   const double lin_ms = median_ms(stream, 3, 50, [&] { step(1, context, true); });
+  const int gemv_rows = be.dense_gemv_max_rows();
+  be.set_dense_gemv_max_rows(0);
+  const double lin_cublas_ms = median_ms(stream, 3, 50, [&] { step(1, context, true); });
+  be.set_dense_gemv_max_rows(gemv_rows);
   const double step_ms = median_ms(stream, 3, 50, [&] { step(1, context, false); });
   be.synchronize();
 
@@ -188,8 +192,10 @@ int main(int argc, char** argv) try {
   std::printf("|---|---|---|---|---|\n");
   std::printf("| device-to-device copy, 2 GiB | %.3f ms | | %.0f GB/s (read+write) | |\n", copy_ms, copy_gbs);
   std::printf("| 4 linears x 32 layers + lm_head (%s) | %.3f ms | | %.0f GB/s | %.0f%% |\n",
-              int4 ? "W4A16 GEMV, lm_head cuBLAS" : "cuBLAS", lin_ms, linear_bytes / lin_ms / 1e6,
+              int4 ? "W4A16 GEMV, lm_head dense GEMV" : "dense GEMV", lin_ms, linear_bytes / lin_ms / 1e6,
               100.0 * (linear_bytes / (copy_gbs * 1e6)) / lin_ms);
+  std::printf("| the same, 16-bit weights through cuBLAS | %.3f ms | | %.0f GB/s | %.0f%% |\n", lin_cublas_ms,
+              linear_bytes / lin_cublas_ms / 1e6, 100.0 * (linear_bytes / (copy_gbs * 1e6)) / lin_cublas_ms);
   std::printf("| decode step, all ops (%.2f GB read) | %.3f ms | %.1f tok/s | %.0f GB/s | %.0f%% |\n",
               bytes / 1e9, step_ms, 1e3 / step_ms, bytes / step_ms / 1e6, 100.0 * floor_ms / step_ms);
   if (graph_ms > 0)

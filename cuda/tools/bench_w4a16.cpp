@@ -4,8 +4,8 @@
 // weights from device memory, not from L2:
 //   1. rows = 1, the tensor-core GEMV: effective bandwidth = AWQ bytes (codes + zeros + scales) / time,
 //      against the measured device-to-device copy bandwidth;
-//   2. rows 1..256: GEMV, dequantize + cuBLAS, and the fp16 cuBLAS path on the same shapes (the
-//      crossover that CudaBackend's default follows).
+//   2. rows 1..256: GEMV, dequantize + cuBLAS, and the fp16 paths (cuBLAS, and the dense GEMV up to 4
+//      rows) on the same shapes (the crossovers that CudaBackend's defaults follow).
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -95,10 +95,23 @@ int main() try {
   std::printf("| device-to-device copy, 2 GiB (read + write) | %.3f ms | %.0f | 100%% |\n", copy_ms,
               copy_gbs);
 
-  std::printf("\n| rows | fp16 cuBLAS | W4A16 GEMV | W4A16 dequant + cuBLAS | best W4A16 vs fp16 |\n");
-  std::printf("|---|---|---|---|---|\n");
+  std::printf(
+      "\n| rows | fp16 cuBLAS | fp16 GEMV | W4A16 GEMV | W4A16 dequant + cuBLAS | best W4A16 vs best fp16 "
+      "|\n");
+  std::printf("|---|---|---|---|---|---|\n");
+  const int gemv_rows = be.dense_gemv_max_rows();
   for (int rows : {1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256}) {
-    const double fp16_ms = run_all(rows, dense);
+    be.set_dense_gemv_max_rows(0);
+    const double cublas_ms = run_all(rows, dense);
+    double fp16_ms = cublas_ms;
+    char fp16_gemv[32] = "-";
+    if (rows <= 4) {
+      be.set_dense_gemv_max_rows(4);
+      const double ms = run_all(rows, dense);
+      std::snprintf(fp16_gemv, sizeof fp16_gemv, "%.3f ms", ms);
+      fp16_ms = std::min(fp16_ms, ms);
+    }
+    be.set_dense_gemv_max_rows(gemv_rows);
     double gemv_ms = -1;
     if (rows <= 64) {
       be.set_w4a16_dense_from(65);
@@ -109,7 +122,8 @@ int main() try {
     const double best = gemv_ms > 0 ? std::min(gemv_ms, deq_ms) : deq_ms;
     char gemv[32] = "-";
     if (gemv_ms > 0) std::snprintf(gemv, sizeof gemv, "%.3f ms", gemv_ms);
-    std::printf("| %d | %.3f ms | %s | %.3f ms | %.2fx |\n", rows, fp16_ms, gemv, deq_ms, fp16_ms / best);
+    std::printf("| %d | %.3f ms | %s | %s | %.3f ms | %.2fx |\n", rows, cublas_ms, fp16_gemv, gemv, deq_ms,
+                fp16_ms / best);
   }
   return 0;
 } catch (const std::exception& e) {

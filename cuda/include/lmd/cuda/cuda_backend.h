@@ -60,6 +60,10 @@ class CudaBackend final : public Backend {
   // tensor-core GEMV (at most 64 rows). The default is the measured crossover; tests and benchmarks
   // force each path with this.
   void set_w4a16_dense_from(int rows);
+  // 16-bit dense linears of at most `rows` rows (capped at cuda::kDenseGemvMaxRows) run the warp-per-output
+  // GEMV, larger ones cuBLAS; 0 forces cuBLAS everywhere (tests and benchmarks compare the two).
+  void set_dense_gemv_max_rows(int rows);
+  int dense_gemv_max_rows() const;
   // Decode-step graphs so far: shapes captured, steps replayed, shapes that fell back to eager steps.
   struct GraphCounts {
     int captured = 0, failed = 0;
@@ -76,7 +80,7 @@ class CudaBackend final : public Backend {
             DeviceTensor& out);
   // Grows the int4 linears' shared workspaces (split-K partials and counters, dense weight) to fit an
   // in x outf linear at any row count.
-  void reserve_w4a16_workspace(int64_t in, int64_t outf, DType compute);
+  void reserve_w4a16_workspace(int64_t in, int64_t outf, int group, DType compute);
   // Copies per-step integers to the device: eagerly into `keep` (a pool tensor), or in a graph step into
   // the graph's metadata buffer, uploaded by end_graph_step.
   const int* stage(const std::vector<int>& values, DeviceTensor& keep);
