@@ -112,6 +112,8 @@ void CalibActivations::add_step(HostTensor x) {
   step_rows_.push_back(x.dim(0));
   if (on_device_) {
     device_.push_back(backend_->upload(x, dtype_));
+    // An upload in the same dtype may still be reading x when it returns, and x is freed below.
+    backend_->synchronize();
   } else {
     host_.push_back(x.dtype() == dtype_ ? std::move(x) : x.to(dtype_));
   }
