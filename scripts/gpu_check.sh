@@ -11,6 +11,9 @@
 #                   Face transformers (scripts/bench_transformers.py) ["llama2-7b internlm2-1.8b"]
 #   LMD_GPU_KV      1: KV-cache quantization on a random Llama-2-7B: blocks at --cache-max-entry-count
 #                   0.8 and batch-64 decode with 2048-token contexts for --quant-policy 0/8/4 [0]
+#   LMD_GPU_AWQ     1: `lmd lite auto_awq` of a random InternLM2-1.8B on 128 x 2048 ptb tokens (issue #5:
+#                   under 3 minutes), then `lmd bench generation` on its output [0]
+#   LMD_GPU_AWQ_SEARCH  1: the same quantization again with --search-scale True [0]
 # Test models and tokenizers are read from $LMD_TEST_ASSETS, else ./assets when present, else ../shared.
 # Logs go to $OUT when set (the device tool's output folder), else /tmp/lmd-gpu-out.
 set -uo pipefail
@@ -102,6 +105,35 @@ if [[ "${LMD_GPU_KV:-0}" == 1 ]]; then
   rm -rf "$dir"
 fi
 
+awq_rc=0
+if [[ "${LMD_GPU_AWQ:-0}" == 1 ]]; then
+  src=/tmp/lmd-models/internlm2-1.8b-awq-src
+  rm -rf "$src"
+  if timeout 150 "$LMD" bench make-model internlm2-1.8b --dst "$src" --tokenizers "$ASSETS/tokenizers" \
+      >"$LOGS/make-awq.log" 2>&1; then
+    searches=False
+    [[ "${LMD_GPU_AWQ_SEARCH:-0}" == 1 ]] && searches="False True"
+    for search in $searches; do
+      out=/tmp/lmd-models/internlm2-1.8b-awq-$search
+      rm -rf "$out"
+      start=$(date +%s.%N)
+      timeout 420 "$LMD" lite auto_awq "$src" --calib-dataset ptb --calib-samples 128 --calib-seqlen 2048 \
+        --w-bits 4 --w-group-size 128 --batch-size 1 --search-scale $search --work-dir "$out" \
+        --dataset-dir "$ASSETS/datasets" >"$LOGS/awq-$search.log" 2>&1 || awq_rc=1
+      echo "auto_awq --search-scale $search: wall $(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s" >>"$LOGS/awq-$search.log"
+      if [[ $search == False ]]; then
+        timeout 120 "$LMD" bench generation "$out" -c 1 --prompt-tokens 128 --completion-tokens 128 \
+          >"$LOGS/awq-gen.log" 2>&1 || awq_rc=1
+      fi
+      rm -rf "$out"
+    done
+  else
+    tail -5 "$LOGS/make-awq.log"
+    awq_rc=1
+  fi
+  rm -rf "$src"
+fi
+
 echo "== summary ($(date -u +%F), copy bandwidth ${PEAK:-?} GB/s) =="
 for shape in ${LMD_GPU_CHECK_MODELS-llama2-7b internlm2-1.8b}; do
   echo "-- $shape: lmd bench generation (decode, then 2048-token prefill; first token ms = prefill)"
@@ -122,4 +154,16 @@ print("steady decode %.1f tok/s (%.1f GB/s), decode %.1f tok/s, p50 token gap %.
     1e3 * r["token_latency_s"]["p50"], r["preemptions"]))' "$LOGS/kv-$qp.json" 2>/dev/null
   done
 fi
-exit $((tests_rc != 0 || bench_rc != 0 || e2e_rc != 0 || kv_rc != 0))
+if [[ "${LMD_GPU_AWQ:-0}" == 1 ]]; then
+  for log in "$LOGS"/awq-False.log "$LOGS"/awq-True.log; do
+    [[ -f $log ]] || continue
+    echo "-- InternLM2-1.8B shape, $(tail -1 "$log")"
+    grep -E "^lmd: (calibration|layer 1/|wrote)|rror" "$log" | head -5
+    # Per-phase seconds summed over the layers (the per-layer line's parenthesis).
+    awk '/^lmd: layer /{for (i = 1; i <= NF; ++i) if ($(i + 2) ~ /^s[,)]/) t[$i] += $(i + 1)}
+      END {printf "layers in all:"; for (k in t) printf " %s %.1f s", k, t[k]; print ""}' "$log" | tr -d '('
+  done
+  echo "-- lmd bench generation on the AWQ output"
+  grep -E "^ *(batch| +[0-9]+ +[0-9]+ +[0-9]+ )" "$LOGS/awq-gen.log" || tail -3 "$LOGS/awq-gen.log"
+fi
+exit $((tests_rc != 0 || bench_rc != 0 || e2e_rc != 0 || kv_rc != 0 || awq_rc != 0))

@@ -52,6 +52,19 @@ float decode(const lmd::Int4Linear& q, int64_t o, int64_t i, int group) {
   return float(int(nibble_at(q.qweight, i, o)) - int(nibble_at(q.qzeros, g, o))) * scale;
 }
 
+// `x` [rows, hidden] as calibration activations of `step_rows` rows per step.
+lmd::CalibActivations activations(lmd::Backend& be, const std::vector<float>& x, int64_t hidden,
+                                  int64_t step_rows, bool on_device) {
+  lmd::CalibActivations a(be, lmd::DType::F32, on_device);
+  const int64_t rows = int64_t(x.size()) / hidden;
+  for (int64_t r = 0; r < rows; r += step_rows) {
+    const int64_t n = std::min(step_rows, rows - r);
+    a.add_step(
+        lmd::HostTensor::from_f32({x.begin() + r * hidden, x.begin() + (r + n) * hidden}, {n, hidden}));
+  }
+  return a;
+}
+
 }  // namespace
 
 TEST_CASE("awq_pack matches an independent decoder of the gemm layout", "[awq]") {
@@ -100,6 +113,21 @@ TEST_CASE("int4 quantization stays within half a step and writes the gemm tensor
         CHECK(value == deq[o * w.in + i]);
       }
     }
+  }
+}
+
+TEST_CASE("int4 quantization gives the same bytes with any number of threads", "[awq]") {
+  const FloatLinear w = random_linear(200, 256, 12);
+  const lmd::Int4Linear serial = lmd::quantize_int4(w, 64, "test.linear");
+  const std::vector<float> serial_fake = lmd::fake_quantize_int4(w, 64);
+  auto bytes = [](const lmd::HostTensor& t) { return std::string(t.data_as<char>(), t.nbytes()); };
+  for (int threads : {2, 3, 7}) {
+    lmd::ThreadPool pool(threads);
+    const lmd::Int4Linear q = lmd::quantize_int4(w, 64, "test.linear", &pool);
+    CHECK(bytes(q.qweight) == bytes(serial.qweight));
+    CHECK(bytes(q.qzeros) == bytes(serial.qzeros));
+    CHECK(bytes(q.scales) == bytes(serial.scales));
+    CHECK(lmd::fake_quantize_int4(w, 64, &pool) == serial_fake);
   }
 }
 
@@ -158,10 +186,11 @@ TEST_CASE("smoothing alone leaves the float layer output unchanged", "[awq]") {
   lmd::CpuBackend be(2);
   TinyLayer t = tiny_layer();
   const int seqlen = 32, windows = 3;
-  std::vector<float> x = hidden_with_outliers(windows * seqlen, t.spec.hidden, 21);
-  std::vector<float> before = x;
+  const std::vector<float> x = hidden_with_outliers(windows * seqlen, t.spec.hidden, 21);
+  lmd::CalibActivations on_device = activations(be, x, t.spec.hidden, 2 * seqlen, true);
   lmd::LayerInputs inputs;
-  lmd::run_float_layer(be, t.spec, t.layer, seqlen, 2, before, &inputs, 1);
+  lmd::run_float_layer(be, t.spec, t.layer, seqlen, on_device, &inputs, 1);
+  const std::vector<float> before = on_device.to_f32();
   CHECK(inputs.qkv.stats.count == windows * seqlen);
   CHECK(inputs.down.channels == t.spec.intermediate);
   CHECK(inputs.o.row_count() == windows * seqlen);
@@ -176,9 +205,37 @@ TEST_CASE("smoothing alone leaves the float layer output unchanged", "[awq]") {
     CHECK(*hi / *lo > 1.5f);  // a real rescaling, not the identity
   }
   for (size_t i = 0; i < pairs.size(); ++i) lmd::apply_smoothing(pairs[i], scales[i]);
-  std::vector<float> after = x;
-  lmd::run_float_layer(be, t.spec, t.layer, seqlen, 2, after);
-  CHECK(lmd::test::rel_error(after, before) < 1e-5);
+  lmd::CalibActivations on_host = activations(be, x, t.spec.hidden, 2 * seqlen, false);
+  lmd::run_float_layer(be, t.spec, t.layer, seqlen, on_host);
+  CHECK(lmd::test::rel_error(on_host.to_f32(), before) < 1e-5);
+}
+
+TEST_CASE(
+    "the layer pass gives the same activations and statistics on the device and on the host, "
+    "with any number of threads",
+    "[awq]") {
+  lmd::CpuBackend be(2);
+  TinyLayer t = tiny_layer();
+  const int seqlen = 32, windows = 3;
+  const std::vector<float> x = hidden_with_outliers(windows * seqlen, t.spec.hidden, 22);
+  lmd::CalibActivations on_device = activations(be, x, t.spec.hidden, 2 * seqlen, true);
+  lmd::CalibActivations on_host = activations(be, x, t.spec.hidden, seqlen, false);
+  lmd::LayerInputs device_inputs, host_inputs;
+  lmd::ThreadPool pool(3);
+  lmd::run_float_layer(be, t.spec, t.layer, seqlen, on_device, &device_inputs, 5, &pool);
+  lmd::run_float_layer(be, t.spec, t.layer, seqlen, on_host, &host_inputs, 5);
+  CHECK(on_device.to_f32() == on_host.to_f32());
+  for (auto member :
+       {&lmd::LayerInputs::qkv, &lmd::LayerInputs::o, &lmd::LayerInputs::gate_up, &lmd::LayerInputs::down}) {
+    const lmd::InputRecord &a = device_inputs.*member, &b = host_inputs.*member;
+    CHECK(a.rows == b.rows);
+    CHECK(a.row_count() == (windows * seqlen + 4) / 5);
+    CHECK(a.stats.sum == b.stats.sum);
+    CHECK(a.stats.abssum == b.stats.abssum);
+    CHECK(a.stats.absmax == b.stats.absmax);
+    CHECK(a.stats.min == b.stats.min);
+    CHECK(a.stats.max == b.stats.max);
+  }
 }
 
 TEST_CASE("GQA and InternLM2 layers get no v -> o pair", "[awq]") {

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
@@ -47,6 +48,11 @@ std::string head_of(const fs::path& file, size_t bytes) {
   in.read(text.data(), std::streamsize(bytes));
   text.resize(size_t(in.gcount()));
   return text.substr(0, text.rfind('\n') + 1);
+}
+
+std::string file_bytes(const fs::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
 // A safetensors header parsed here from the bytes, independently of lmd's reader.
@@ -127,9 +133,17 @@ TEST_CASE("auto_awq on wt2-llama-22m keeps perplexity within 3% of fp16 and beat
   awq.calib_samples = 16;
   awq.calib_seqlen = 256;
   awq.batch_size = 4;
+  awq.host_threads = 3;
   lmd::auto_awq(awq, be, log);
   INFO(log.str());
   CHECK(log.str().find("layer 6/6") != std::string::npos);
+
+  // The host work split among threads writes the same bytes as one thread does.
+  lmd::AwqOptions serial = awq;
+  serial.host_threads = 1;
+  serial.work_dir = scratch.path / "serial";
+  lmd::auto_awq(serial, be, log);
+  CHECK(file_bytes(serial.work_dir / "model.safetensors") == file_bytes(awq.work_dir / "model.safetensors"));
 
   // The ratio search judged on 512 of the 4096 calibration tokens, to keep the test short.
   lmd::AwqOptions search = awq;

@@ -14,14 +14,13 @@ namespace {
 
 struct AutoAwqOptions {
   std::string model_path, work_dir = "./work_dir", device = "auto";
-  int threads = 0;
   AwqOptions awq;
 };
 
 void run_auto_awq(AutoAwqOptions& opt) {
   opt.awq.model_dir = opt.model_path;
   opt.awq.work_dir = opt.work_dir;
-  std::unique_ptr<Backend> backend = make_backend(opt.device, opt.threads);
+  std::unique_ptr<Backend> backend = make_backend(opt.device, opt.awq.host_threads);
   std::cerr << "lmd: auto_awq " << opt.model_path << " on " << backend->name() << ", int" << opt.awq.w_bits
             << " group " << opt.awq.w_group_size << (opt.awq.search_scale ? ", searching scales" : "")
             << "\n";
@@ -54,7 +53,8 @@ void add_auto_awq_command(CLI::App& lite) {
                      "search the smoothing ratio per block on its quantized output error (slower)");
   cmd->add_option("--device", opt->device, "where the layers run")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
-  cmd->add_option("--threads", opt->threads, "CPU backend threads; 0: all cores");
+  cmd->add_option("--threads", a.host_threads,
+                  "threads for host-side work (quantization, statistics) and the CPU backend; 0: all cores");
   cmd->callback([opt] { run_auto_awq(*opt); });
 }
 

@@ -6,12 +6,15 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <iomanip>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 
+#include "awq_internal.h"
 #include "lmd/core/error.h"
 #include "lmd/core/safetensors.h"
 #include "lmd/core/tokenizer.h"
@@ -86,6 +89,9 @@ class ShardWriter {
  public:
   ShardWriter(fs::path dir, size_t limit) : dir_(std::move(dir)), limit_(limit) {}
 
+  // Seconds spent writing files so far (the rest of the driver's time is compute).
+  double write_seconds() const { return write_s_; }
+
   void add(const std::string& name, HostTensor t) {
     if (!pending_.empty() && pending_bytes_ + t.nbytes() > limit_) flush();
     pending_bytes_ += t.nbytes();
@@ -123,8 +129,10 @@ class ShardWriter {
 
   void flush() {
     if (pending_.empty()) return;
+    const Clock::time_point t0 = Clock::now();
     // transformers refuses safetensors files whose metadata does not name the framework.
     write_safetensors(temp_name(int(shards_)), pending_, {{"format", "pt"}});
+    write_s_ += seconds_since(t0);
     ++shards_;
     pending_.clear();
     pending_bytes_ = 0;
@@ -134,11 +142,31 @@ class ShardWriter {
   size_t limit_;
   std::vector<std::pair<std::string, HostTensor>> pending_;
   size_t pending_bytes_ = 0, total_bytes_ = 0, shards_ = 0;
+  double write_s_ = 0;
   std::map<std::string, int> shard_of_;
 };
 
-void write_linear(ShardWriter& out, const NamedLinear& l, int group) {
-  Int4Linear q = quantize_int4(l.weight, group, l.name);
+// A 16-bit tensor as fp16, converted on `pool`'s threads (the embeddings and lm_head are the largest
+// tensors of a small model).
+HostTensor to_f16(const HostTensor& t, ThreadPool& pool) {
+  if (t.dtype() == DType::F16) return t;
+  HostTensor out(DType::F16, t.shape());
+  auto* bits = out.mutable_data_as<uint16_t>();
+  constexpr int64_t kChunk = 4096;
+  const int64_t n = t.numel();
+  pool.parallel_for((n + kChunk - 1) / kChunk, [&](int64_t first, int64_t last) {
+    std::vector<float> values(kChunk);
+    for (int64_t begin = first * kChunk; begin < std::min(n, last * kChunk); begin += kChunk) {
+      const int64_t count = std::min(kChunk, n - begin);
+      awq_detail::copy_as_f32(t, begin, count, values.data());
+      for (int64_t i = 0; i < count; ++i) bits[begin + i] = f32_to_f16(values[i]);
+    }
+  });
+  return out;
+}
+
+void write_linear(ShardWriter& out, const NamedLinear& l, int group, ThreadPool& pool) {
+  Int4Linear q = quantize_int4(l.weight, group, l.name, &pool);
   out.add(l.name + ".qweight", std::move(q.qweight));
   out.add(l.name + ".qzeros", std::move(q.qzeros));
   out.add(l.name + ".scales", std::move(q.scales));
@@ -210,25 +238,42 @@ struct TempDir {
   }
 };
 
-// Each calibration window's tokens looked up in the embedding table: [windows * seqlen, hidden] fp32.
-std::vector<float> calibration_inputs(const AwqOptions& o, const ModelSpec& spec, const HostTensor& embed,
-                                      std::ostream& log) {
+// Keep the calibration activations on the backend when they take at most this share of its free memory;
+// the rest is for one layer's weights, a step's temporaries and the search's copies.
+constexpr double kResidentShare = 0.5;
+
+// Each calibration window's tokens looked up in the embedding table, `batch_size` windows per step.
+CalibActivations calibration_inputs(const AwqOptions& o, const ModelSpec& spec, const HostTensor& embed,
+                                    Backend& backend, std::ostream& log) {
   const Clock::time_point t0 = Clock::now();
   const Tokenizer tok = Tokenizer::load(o.model_dir);
   const fs::path file = dataset_file(o.calib_dataset, "train", o.dataset_dir);
   const std::vector<int> tokens = tok.encode(load_dataset_text(file), true, /*parse_special=*/false);
   const auto windows = sample_calibration_windows(tokens, o.calib_samples, o.calib_seqlen);
-  std::vector<float> hidden;
-  hidden.reserve(size_t(o.calib_samples) * o.calib_seqlen * spec.hidden);
-  for (const std::vector<int>& w : windows) {
-    for (int id : w) {
-      if (id < 0 || id >= spec.vocab) fail("calibration token id ", id, " is outside the model's vocabulary");
-      const std::vector<float> row = embed.slice_rows(id, id + 1).to_f32();
-      hidden.insert(hidden.end(), row.begin(), row.end());
+  const DType act = backend.activation_dtype(spec.dtype);
+  const double bytes = double(o.calib_samples) * o.calib_seqlen * spec.hidden * dtype_size(act);
+  CalibActivations hidden(backend, act, bytes <= kResidentShare * double(backend.free_memory()));
+  const size_t row_bytes = size_t(spec.hidden) * dtype_size(embed.dtype());
+  const auto* table = static_cast<const char*>(embed.data());
+  for (size_t w0 = 0; w0 < windows.size(); w0 += size_t(o.batch_size)) {
+    const size_t nw = std::min(windows.size() - w0, size_t(o.batch_size));
+    // Rows copied in the table's dtype; the upload converts them to the activation dtype.
+    HostTensor step(embed.dtype(), {int64_t(nw) * o.calib_seqlen, spec.hidden});
+    auto* out = static_cast<char*>(step.mutable_data());
+    for (size_t w = 0; w < nw; ++w) {
+      for (int id : windows[w0 + w]) {
+        if (id < 0 || id >= spec.vocab)
+          fail("calibration token id ", id, " is outside the model's vocabulary");
+        std::memcpy(out, table + size_t(id) * row_bytes, row_bytes);
+        out += row_bytes;
+      }
     }
+    hidden.add_step(std::move(step));
   }
   log << "lmd: calibration: " << o.calib_samples << " x " << o.calib_seqlen << " tokens of " << file.string()
-      << " (" << tokens.size() << " tokens in all), " << seconds_since(t0) << " s\n";
+      << " (" << tokens.size() << " tokens in all), activations kept "
+      << (hidden.on_device() ? "on the device" : "on the host (too large for device memory)") << ", "
+      << seconds_since(t0) << " s\n";
   return hidden;
 }
 
@@ -243,10 +288,11 @@ void auto_awq(const AwqOptions& o, Backend& backend, std::ostream& log) {
          " already has an AWQ quantization_config; auto_awq needs 16-bit weights");
   const fs::path out_dir = output_dir(o.work_dir);
   const CheckpointWeights ckpt = load_checkpoint(o.model_dir, spec);
+  ThreadPool pool(o.host_threads);
 
   // Every decoder layer has the same shapes: checking layer 0 rejects a bad --w-group-size before any work.
-  for (const NamedLinear& l : checkpoint_linears(spec, 0, to_float_layer(ckpt.layers[0])))
-    quantize_int4(l.weight, o.w_group_size, l.name);
+  for (const NamedLinear& l : checkpoint_linears(spec, 0, to_float_layer(ckpt.layers[0], &pool)))
+    quantize_int4(l.weight, o.w_group_size, l.name, &pool);
 
   TempDir tmp{out_dir.parent_path() / (out_dir.filename().string() + ".tmp-" + std::to_string(getpid()))};
   fs::remove_all(tmp.path);
@@ -254,12 +300,12 @@ void auto_awq(const AwqOptions& o, Backend& backend, std::ostream& log) {
   ShardWriter writer(tmp.path, o.shard_bytes);
   const bool internlm2 = spec.arch == Arch::InternLM2;
   writer.add(internlm2 ? "model.tok_embeddings.weight" : "model.embed_tokens.weight",
-             ckpt.embed.to(DType::F16));
+             to_f16(ckpt.embed, pool));
 
-  std::vector<float> hidden;
+  std::optional<CalibActivations> hidden;
   int64_t row_stride = 0;
   if (o.smooth) {
-    hidden = calibration_inputs(o, spec, ckpt.embed, log);
+    hidden.emplace(calibration_inputs(o, spec, ckpt.embed, backend, log));
     if (o.search_scale) {
       const int64_t total = int64_t(o.calib_samples) * o.calib_seqlen;
       row_stride =
@@ -269,50 +315,54 @@ void auto_awq(const AwqOptions& o, Backend& backend, std::ostream& log) {
 
   for (int l = 0; l < spec.layers; ++l) {
     const Clock::time_point t0 = Clock::now();
-    FloatLayer layer = to_float_layer(ckpt.layers[l]);
+    FloatLayer layer = to_float_layer(ckpt.layers[l], &pool);
+    const double convert_s = seconds_since(t0);
     std::ostringstream detail;
     double calib_s = 0, smooth_s = 0;
     if (o.smooth) {
+      const Clock::time_point t_calib = Clock::now();
       LayerInputs inputs;
-      run_float_layer(backend, spec, layer, o.calib_seqlen, o.batch_size, hidden, &inputs, row_stride);
-      calib_s = seconds_since(t0);
+      run_float_layer(backend, spec, layer, o.calib_seqlen, *hidden, &inputs, row_stride, &pool);
+      calib_s = seconds_since(t_calib);
       const Clock::time_point t1 = Clock::now();
       // All scales come from the unsmoothed layer, then all are folded in (the pairs share weights).
       const std::vector<SmoothPair> pairs = smooth_pairs(spec, layer, inputs);
       std::vector<std::vector<float>> scales;
       for (const SmoothPair& pair : pairs) {
         if (o.search_scale) {
-          ScaleSearch found = search_scales(backend, pair, o.w_group_size);
+          ScaleSearch found = search_scales(backend, pair, o.w_group_size, &pool);
           detail << (scales.empty() ? "; ratios " : ", ") << pair.name << " " << found.ratio;
           scales.push_back(std::move(found.scales));
         } else {
           scales.push_back(default_scales(pair, o.w_group_size));
         }
       }
-      for (size_t i = 0; i < pairs.size(); ++i) apply_smoothing(pairs[i], scales[i]);
+      for (size_t i = 0; i < pairs.size(); ++i) apply_smoothing(pairs[i], scales[i], &pool);
       smooth_s = seconds_since(t1);
     }
     const Clock::time_point t2 = Clock::now();
+    const double written_s = writer.write_seconds();
     const std::string p = layer_prefix(l);
     writer.add(p + (internlm2 ? "attention_norm.weight" : "input_layernorm.weight"),
                HostTensor::from_f32(layer.attn_norm, {spec.hidden}, DType::F16));
     writer.add(p + (internlm2 ? "ffn_norm.weight" : "post_attention_layernorm.weight"),
                HostTensor::from_f32(layer.ffn_norm, {spec.hidden}, DType::F16));
     for (const NamedLinear& lin : checkpoint_linears(spec, l, layer))
-      write_linear(writer, lin, o.w_group_size);
-    char buf[200];
+      write_linear(writer, lin, o.w_group_size, pool);
+    const double write_s = writer.write_seconds() - written_s;
+    char buf[240];
     std::snprintf(
         buf, sizeof buf,
-        "lmd: layer %d/%d: %.1f s (calibrate %.1f s, smooth %.1f s, quantize %.1f s), RSS %.2f GiB, "
-        "peak %.2f GiB",
-        l + 1, spec.layers, seconds_since(t0), calib_s, smooth_s, seconds_since(t2), proc_gib("VmRSS"),
-        proc_gib("VmHWM"));
+        "lmd: layer %d/%d: %.2f s (convert %.2f s, calibrate %.2f s, smooth %.2f s, quantize %.2f s, "
+        "write %.2f s), RSS %.2f GiB, peak %.2f GiB",
+        l + 1, spec.layers, seconds_since(t0), convert_s, calib_s, smooth_s, seconds_since(t2) - write_s,
+        write_s, proc_gib("VmRSS"), proc_gib("VmHWM"));
     log << buf << detail.str() << "\n" << std::flush;
   }
 
   writer.add("model.norm.weight", ckpt.final_norm.to(DType::F16));
   if (!spec.tie_embeddings)
-    writer.add(internlm2 ? "output.weight" : "lm_head.weight", ckpt.lm_head.to(DType::F16));
+    writer.add(internlm2 ? "output.weight" : "lm_head.weight", to_f16(ckpt.lm_head, pool));
   const int shards = writer.finish();
   write_config(o.model_dir, tmp.path, o.w_group_size);
   copy_side_files(o.model_dir, tmp.path);

@@ -1,5 +1,6 @@
 // Running one decoder layer over the calibration activations and observing its linears' inputs.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 
 #include "awq_internal.h"
@@ -11,32 +12,62 @@
 namespace lmd {
 namespace {
 
-FloatLinear float_linear(const LinearWeight& w, const char* what) {
+FloatLinear float_linear(const LinearWeight& w, const char* what, ThreadPool* pool) {
   if (w.is_awq())
     fail("the model is already AWQ-quantized (", what, " is int4); auto_awq needs 16-bit weights");
   FloatLinear f;
   f.out = w.out_features();
   f.in = w.in_features();
-  f.weight = w.weight.to_f32();
+  f.weight = awq_detail::to_f32(w.weight, pool);
   if (!w.bias.empty()) f.bias = w.bias.to_f32();
   return f;
 }
 
-void record(const HostTensor& t, int64_t first_row, int64_t stride, InputRecord& rec) {
-  const std::vector<float> x = t.to_f32();
+// `t` [tokens, channels] in the activation dtype, token 0 being calibration row `first_row`.
+void record(const HostTensor& t, int64_t first_row, int64_t stride, InputRecord& rec, ThreadPool* pool) {
   const int64_t channels = t.dim(-1), n = t.numel() / channels;
   rec.channels = channels;
-  rec.stats.add(x.data(), n, channels);
+  rec.stats.add(t, pool);
   if (stride <= 0) return;
-  for (int64_t r = 0; r < n; ++r) {
-    if ((first_row + r) % stride == 0)
-      rec.rows.insert(rec.rows.end(), x.begin() + r * channels, x.begin() + (r + 1) * channels);
+  for (int64_t r = (stride - first_row % stride) % stride; r < n; r += stride) {
+    rec.rows.resize(rec.rows.size() + channels);
+    awq_detail::copy_as_f32(t, r * channels, channels, rec.rows.data() + rec.rows.size() - channels);
   }
 }
 
 }  // namespace
 
 namespace awq_detail {
+
+void copy_as_f32(const HostTensor& t, int64_t begin, int64_t count, float* out) {
+  switch (t.dtype()) {
+    case DType::F32:
+      std::copy_n(t.data_as<float>() + begin, count, out);
+      break;
+    case DType::F16:
+      for (int64_t i = 0; i < count; ++i) out[i] = f16_to_f32(t.data_as<uint16_t>()[begin + i]);
+      break;
+    case DType::BF16:
+      // Inline (bf16 is the top half of an fp32), so that the loop vectorises; equals bf16_to_f32.
+      for (int64_t i = 0; i < count; ++i)
+        out[i] = std::bit_cast<float>(uint32_t(t.data_as<uint16_t>()[begin + i]) << 16);
+      break;
+    default:
+      fail("expected a float tensor, got ", dtype_name(t.dtype()));
+  }
+}
+
+std::vector<float> to_f32(const HostTensor& t, ThreadPool* pool) {
+  std::vector<float> out(t.numel());
+  // Chunks of whole 4 KiB pages of output keep the threads off each other's cache lines.
+  constexpr int64_t kChunk = 1024;
+  const int64_t n = t.numel(), chunks = (n + kChunk - 1) / kChunk;
+  for_chunks(pool, chunks, [&](int64_t first, int64_t last) {
+    const int64_t begin = first * kChunk, end = std::min(n, last * kChunk);
+    copy_as_f32(t, begin, end - begin, out.data() + begin);
+  });
+  return out;
+}
 
 LinearWeight fused_dense(const std::vector<const FloatLinear*>& parts) {
   std::vector<float> weight, bias;
@@ -62,27 +93,57 @@ LinearWeight fused_dense(const std::vector<const FloatLinear*>& parts) {
 
 }  // namespace awq_detail
 
-FloatLayer to_float_layer(const LayerWeights& w) {
+FloatLayer to_float_layer(const LayerWeights& w, ThreadPool* pool) {
   FloatLayer f;
   f.attn_norm = w.attn_norm.to_f32();
   f.ffn_norm = w.ffn_norm.to_f32();
-  f.q = float_linear(w.q, "q");
-  f.k = float_linear(w.k, "k");
-  f.v = float_linear(w.v, "v");
-  f.o = float_linear(w.o, "o");
-  f.gate = float_linear(w.gate, "gate");
-  f.up = float_linear(w.up, "up");
-  f.down = float_linear(w.down, "down");
+  f.q = float_linear(w.q, "q", pool);
+  f.k = float_linear(w.k, "k", pool);
+  f.v = float_linear(w.v, "v", pool);
+  f.o = float_linear(w.o, "o", pool);
+  f.gate = float_linear(w.gate, "gate", pool);
+  f.up = float_linear(w.up, "up", pool);
+  f.down = float_linear(w.down, "down", pool);
   return f;
 }
 
-void run_float_layer(Backend& be, const ModelSpec& spec, const FloatLayer& layer, int seqlen, int batch,
-                     std::vector<float>& hidden, LayerInputs* inputs, int64_t row_stride) {
-  const int64_t H = spec.hidden, total = int64_t(hidden.size()) / H;
-  if (seqlen <= 0 || total % seqlen != 0)
-    fail("run_float_layer: ", total, " hidden rows are not whole windows of ", seqlen, " tokens");
-  const int windows = int(total / seqlen);
-  batch = std::clamp(batch, 1, windows);
+void CalibActivations::add_step(HostTensor x) {
+  rows_ += x.dim(0);
+  step_rows_.push_back(x.dim(0));
+  if (on_device_) {
+    device_.push_back(backend_->upload(x, dtype_));
+    // An upload in the same dtype may still be reading x when it returns, and x is freed below.
+    backend_->synchronize();
+  } else {
+    host_.push_back(x.dtype() == dtype_ ? std::move(x) : x.to(dtype_));
+  }
+}
+
+DeviceTensor CalibActivations::load(int step) {
+  return on_device_ ? device_.at(step) : backend_->upload(host_.at(step), dtype_);
+}
+
+void CalibActivations::store(int step, const DeviceTensor& x) {
+  if (on_device_) {
+    if (x.data != device_.at(step).data) device_[step] = x;
+  } else {
+    host_.at(step) = backend_->download(x);
+  }
+}
+
+std::vector<float> CalibActivations::to_f32() {
+  std::vector<float> all;
+  for (int i = 0; i < steps(); ++i) {
+    const std::vector<float> step = backend_->download(load(i)).to_f32();
+    all.insert(all.end(), step.begin(), step.end());
+  }
+  return all;
+}
+
+void run_float_layer(Backend& be, const ModelSpec& spec, const FloatLayer& layer, int seqlen,
+                     CalibActivations& hidden, LayerInputs* inputs, int64_t row_stride, ThreadPool* pool) {
+  const int64_t H = spec.hidden;
+  if (seqlen <= 0) fail("run_float_layer: window length ", seqlen, " is not positive");
   const DType act = be.activation_dtype(spec.dtype);
   const DeviceTensor attn_norm = be.upload(HostTensor::from_f32(layer.attn_norm, {H}), act);
   const DeviceTensor ffn_norm = be.upload(HostTensor::from_f32(layer.ffn_norm, {H}), act);
@@ -91,27 +152,31 @@ void run_float_layer(Backend& be, const ModelSpec& spec, const FloatLayer& layer
   const DeviceLinear gate_up = be.prepare_linear(awq_detail::fused_dense({&layer.gate, &layer.up}), act);
   const DeviceLinear down = be.prepare_linear(awq_detail::fused_dense({&layer.down}), act);
 
-  // A one-layer KV cache for `batch` windows; every step starts each window from position 0.
+  int max_windows = 0;
+  for (int i = 0; i < hidden.steps(); ++i)
+    max_windows = std::max(max_windows, int(hidden.step_rows(i) / seqlen));
+  // A one-layer KV cache for the largest step's windows; every step starts each window from position 0.
   KvCacheLayout layout;
   layout.layers = 1;
   layout.kv_heads = spec.kv_heads;
   layout.head_dim = spec.head_dim;
   const int blocks_per_window = blocks_for(seqlen, layout.block_len);
-  layout.num_blocks = batch * blocks_per_window;
+  layout.num_blocks = max_windows * blocks_per_window;
   KvCacheStorage cache = be.alloc_kv_cache(layout, act);
   const RopeConfig rope = RopeConfig::from_spec(spec);
 
-  for (int w0 = 0; w0 < windows; w0 += batch) {
-    const int nw = std::min(batch, windows - w0);
-    const int64_t T = int64_t(nw) * seqlen, row0 = int64_t(w0) * seqlen;
+  int64_t row0 = 0;
+  for (int step = 0; step < hidden.steps(); ++step) {
+    const int64_t T = hidden.step_rows(step);
+    if (T % seqlen != 0) fail("run_float_layer: a step of ", T, " rows is not whole windows of ", seqlen);
+    DeviceTensor x = hidden.load(step);
+    const int nw = int(T / seqlen);
     BatchLayout layout_b;
     for (int b = 0; b < nw; ++b) {
       SeqSlice s{b * seqlen, seqlen, 0, {}};
       for (int i = 0; i < blocks_per_window; ++i) s.blocks.push_back(b * blocks_per_window + i);
       layout_b.seqs.push_back(std::move(s));
     }
-    float* x_host = hidden.data() + row0 * H;
-    DeviceTensor x = be.upload(HostTensor::view(DType::F32, {T, H}, x_host, nullptr), act);
     DeviceTensor normed = be.alloc(act, {T, H});
     DeviceTensor qkv_out = be.alloc(act, {T, qkv.out_features});
     DeviceTensor attn = be.alloc(act, {T, spec.q_size()});
@@ -120,21 +185,23 @@ void run_float_layer(Backend& be, const ModelSpec& spec, const FloatLayer& layer
     DeviceTensor mlp = be.alloc(act, {T, spec.intermediate});
 
     be.rmsnorm(x, attn_norm, spec.norm_eps, normed);
-    if (inputs) record(be.download(normed), row0, row_stride, inputs->qkv);
+    if (inputs) record(be.download(normed), row0, row_stride, inputs->qkv, pool);
     be.linear(normed, qkv, qkv_out);
     be.rope_kv_write(qkv_out, layout_b, 0, spec.heads, rope, cache);
     be.attention(qkv_out, layout_b, 0, spec.heads, cache, attn);
-    if (inputs) record(be.download(attn), row0, row_stride, inputs->o);
+    if (inputs) record(be.download(attn), row0, row_stride, inputs->o, pool);
     be.linear(attn, o, proj);
     be.add_rmsnorm(x, proj, ffn_norm, spec.norm_eps, normed);  // x is now the residual after attention
-    if (inputs) record(be.download(normed), row0, row_stride, inputs->gate_up);
+    if (inputs) record(be.download(normed), row0, row_stride, inputs->gate_up, pool);
     be.linear(normed, gate_up, gu);
     be.silu_mul(gu, mlp);
-    if (inputs) record(be.download(mlp), row0, row_stride, inputs->down);
+    if (inputs) record(be.download(mlp), row0, row_stride, inputs->down, pool);
     be.linear(mlp, down, proj);
-
-    const std::vector<float> residual = be.download(x).to_f32(), out = be.download(proj).to_f32();
-    for (int64_t i = 0; i < T * H; ++i) x_host[i] = residual[i] + out[i];
+    // The backend has no plain add: the fused add + norm adds the MLP output into x (rounded once to
+    // the activation dtype, as the next layer's input would be) and its norm output is not used.
+    be.add_rmsnorm(x, proj, ffn_norm, spec.norm_eps, normed);
+    hidden.store(step, x);
+    row0 += T;
   }
 }
 

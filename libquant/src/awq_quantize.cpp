@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "awq_internal.h"
 #include "lmd/core/awq_layout.h"
 #include "lmd/core/error.h"
 #include "lmd/quant/awq.h"
@@ -50,36 +51,43 @@ int quantize_value(float w, const GroupParams& p) {
 
 }  // namespace
 
-Int4Linear quantize_int4(const FloatLinear& w, int group, const std::string& name) {
+Int4Linear quantize_int4(const FloatLinear& w, int group, const std::string& name, ThreadPool* pool) {
   check_quantizable(w, group, name);
   const int64_t groups = w.in / group;
   // Values laid out as the packed tensors want them: q [in][out], zeros [groups][out].
   std::vector<uint8_t> q(w.in * w.out), zeros(groups * w.out);
   HostTensor scales(DType::F16, {groups, w.out});
   auto* scale_bits = scales.mutable_data_as<uint16_t>();
-  for (int64_t o = 0; o < w.out; ++o) {
-    const float* row = w.weight.data() + o * w.in;
-    for (int64_t g = 0; g < groups; ++g) {
-      const GroupParams p = group_params(row + g * group, group);
-      scale_bits[g * w.out + o] = p.scale_bits;
-      zeros[g * w.out + o] = uint8_t(p.zero);
-      for (int64_t i = g * group; i < (g + 1) * group; ++i)
-        q[i * w.out + o] = uint8_t(quantize_value(row[i], p));
+  // Output rows in blocks: one group of a block's rows fills whole cache lines of the [in][out] q
+  // layout, where row by row every value would touch a line of its own.
+  constexpr int64_t kRowBlock = 64;
+  awq_detail::for_chunks(pool, (w.out + kRowBlock - 1) / kRowBlock, [&](int64_t first, int64_t last) {
+    for (int64_t o0 = first * kRowBlock; o0 < std::min(w.out, last * kRowBlock); o0 += kRowBlock) {
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t o = o0; o < std::min(w.out, o0 + kRowBlock); ++o) {
+          const float* row = w.weight.data() + o * w.in;
+          const GroupParams p = group_params(row + g * group, group);
+          scale_bits[g * w.out + o] = p.scale_bits;
+          zeros[g * w.out + o] = uint8_t(p.zero);
+          for (int64_t i = g * group; i < (g + 1) * group; ++i)
+            q[i * w.out + o] = uint8_t(quantize_value(row[i], p));
+        }
+      }
     }
-  }
+  });
   return {awq_pack(q, w.in, w.out), awq_pack(zeros, groups, w.out), std::move(scales)};
 }
 
-std::vector<float> fake_quantize_int4(const FloatLinear& w, int group) {
+std::vector<float> fake_quantize_int4(const FloatLinear& w, int group, ThreadPool* pool) {
   check_quantizable(w, group, "a linear");
   std::vector<float> out(w.weight.size());
-  for (int64_t o = 0; o < w.out; ++o) {
-    for (int64_t start = o * w.in; start < (o + 1) * w.in; start += group) {
+  awq_detail::for_chunks(pool, w.out, [&](int64_t first, int64_t last) {
+    for (int64_t start = first * w.in; start < last * w.in; start += group) {
       const GroupParams p = group_params(w.weight.data() + start, group);
       for (int64_t i = start; i < start + group; ++i)
         out[i] = float(quantize_value(w.weight[i], p) - p.zero) * p.scale;
     }
-  }
+  });
   return out;
 }
 

@@ -36,20 +36,33 @@ std::vector<float> block_output(Backend& be, const SmoothPair& pair,
   return be.download(z).to_f32();
 }
 
+// Multiplies (or divides) every row of `m` [rows, s.size()] by s, element-wise, on `pool`'s threads.
+void scale_columns(std::vector<float>& m, const std::vector<float>& s, bool divide, ThreadPool* pool) {
+  const int64_t cols = int64_t(s.size()), rows = int64_t(m.size()) / cols;
+  awq_detail::for_chunks(pool, rows, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      float* row = m.data() + r * cols;
+      if (divide) {
+        for (int64_t i = 0; i < cols; ++i) row[i] /= s[i];
+      } else {
+        for (int64_t i = 0; i < cols; ++i) row[i] *= s[i];
+      }
+    }
+  });
+}
+
 double block_error(Backend& be, const SmoothPair& pair, const std::vector<float>& s, int group,
-                   const std::vector<float>& reference) {
+                   const std::vector<float>& reference, ThreadPool* pool) {
   // quantize(W * s) applied to x / s: the smoothed layer as the quantized checkpoint will compute it.
   std::vector<FloatLinear> quantized;
   for (const FloatLinear* c : pair.consumers) {
     FloatLinear q = *c;
-    for (int64_t o = 0; o < q.out; ++o)
-      for (int64_t i = 0; i < q.in; ++i) q.weight[o * q.in + i] *= s[i];
-    q.weight = fake_quantize_int4(q, group);
+    scale_columns(q.weight, s, /*divide=*/false, pool);
+    q.weight = fake_quantize_int4(q, group, pool);
     quantized.push_back(std::move(q));
   }
   std::vector<float> x = pair.input->rows;
-  const int64_t channels = pair.input->channels;
-  for (size_t j = 0; j < x.size(); ++j) x[j] /= s[j % channels];
+  scale_columns(x, s, /*divide=*/true, pool);
   std::vector<const FloatLinear*> ptrs;
   for (const FloatLinear& q : quantized) ptrs.push_back(&q);
   const std::vector<float> y = block_output(be, pair, ptrs, x);
@@ -119,13 +132,14 @@ std::vector<float> default_scales(const SmoothPair& pair, int group) {
   return smooth_scales(pair.input->stats.absmax, weight_channel_scale(pair.consumers, group), 0.5);
 }
 
-double quantized_block_error(Backend& be, const SmoothPair& pair, const std::vector<float>& s, int group) {
+double quantized_block_error(Backend& be, const SmoothPair& pair, const std::vector<float>& s, int group,
+                             ThreadPool* pool) {
   require_rows(pair);
   const std::vector<float> reference = block_output(be, pair, const_ptrs(pair.consumers), pair.input->rows);
-  return block_error(be, pair, s, group, reference);
+  return block_error(be, pair, s, group, reference, pool);
 }
 
-ScaleSearch search_scales(Backend& be, const SmoothPair& pair, int group) {
+ScaleSearch search_scales(Backend& be, const SmoothPair& pair, int group, ThreadPool* pool) {
   require_rows(pair);
   const std::vector<float> reference = block_output(be, pair, const_ptrs(pair.consumers), pair.input->rows);
   const std::vector<float> act = pair.input->stats.absmean();
@@ -135,7 +149,7 @@ ScaleSearch search_scales(Backend& be, const SmoothPair& pair, int group) {
   for (int i = 0; i < kGridPoints; ++i) {
     const double ratio = double(i) / kGridPoints;
     std::vector<float> s = smooth_scales(act, weight, ratio);
-    const double err = block_error(be, pair, s, group, reference);
+    const double err = block_error(be, pair, s, group, reference, pool);
     best.errors.push_back(err);
     if (err < best_error) {
       best_error = err;
@@ -148,7 +162,7 @@ ScaleSearch search_scales(Backend& be, const SmoothPair& pair, int group) {
   return best;
 }
 
-void apply_smoothing(const SmoothPair& pair, const std::vector<float>& s) {
+void apply_smoothing(const SmoothPair& pair, const std::vector<float>& s, ThreadPool* pool) {
   const int64_t n = int64_t(s.size());
   for (const FloatLinear* c : pair.consumers)
     if (c->in != n) fail("AWQ pair ", pair.name, ": ", n, " scales for a consumer with ", c->in, " inputs");
@@ -163,9 +177,7 @@ void apply_smoothing(const SmoothPair& pair, const std::vector<float>& s) {
       if (!p.bias.empty()) p.bias[o] /= s[o];
     }
   }
-  for (FloatLinear* c : pair.consumers)
-    for (int64_t o = 0; o < c->out; ++o)
-      for (int64_t i = 0; i < n; ++i) c->weight[o * n + i] *= s[i];
+  for (FloatLinear* c : pair.consumers) scale_columns(c->weight, s, /*divide=*/false, pool);
 }
 
 }  // namespace lmd

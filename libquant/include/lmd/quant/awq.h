@@ -13,6 +13,7 @@
 #include "lmd/core/model_spec.h"
 #include "lmd/core/tensor.h"
 #include "lmd/engine/backend.h"
+#include "lmd/engine/thread_pool.h"
 #include "lmd/quant/channel_stats.h"
 
 namespace lmd {
@@ -30,8 +31,9 @@ struct FloatLayer {
   FloatLinear q, k, v, o, gate, up, down;
 };
 
-// fp32 copies of a dense layer; throws lmd::Error when a linear is already int4.
-FloatLayer to_float_layer(const LayerWeights& w);
+// fp32 copies of a dense layer, converted on `pool`'s threads (null: this thread); throws lmd::Error
+// when a linear is already int4.
+FloatLayer to_float_layer(const LayerWeights& w, ThreadPool* pool = nullptr);
 
 // --- quantization -------------------------------------------------------------------------------
 
@@ -44,10 +46,13 @@ struct Int4Linear {
 // Asymmetric int4 per (output row, group of `group` consecutive input channels), BRIEF §5:
 // scale = max(max-min, 1e-5)/15, zero = clamp(-round(min/scale), 0, 15), q = clamp(round(w/scale)+zero).
 // The scale is rounded up to the next fp16 before q is chosen, so that dequantizing with the stored fp16
-// scale keeps every weight of a group that contains 0 within scale/2. `name` is for messages.
-Int4Linear quantize_int4(const FloatLinear& w, int group, const std::string& name);
+// scale keeps every weight of a group that contains 0 within scale/2. `name` is for messages. Output
+// rows are split among `pool`'s threads (null: this thread); every group is computed the same way on
+// any thread, so the bytes do not depend on the thread count.
+Int4Linear quantize_int4(const FloatLinear& w, int group, const std::string& name,
+                         ThreadPool* pool = nullptr);
 // What quantize_int4 followed by dequantization gives, [out, in]: the search's quantized weights.
-std::vector<float> fake_quantize_int4(const FloatLinear& w, int group);
+std::vector<float> fake_quantize_int4(const FloatLinear& w, int group, ThreadPool* pool = nullptr);
 
 // --- statistics ---------------------------------------------------------------------------------
 
@@ -65,12 +70,46 @@ struct LayerInputs {
   InputRecord qkv, o, gate_up, down;
 };
 
-// Runs one decoder layer in float through the backend's ops over `hidden` [windows * seqlen, spec.hidden]
-// (each window one sequence from position 0), `batch` windows per step, and replaces `hidden` with the
-// layer's output. With `inputs`, records each linear's input, keeping rows of tokens whose index is a
-// multiple of `row_stride` (0: none).
-void run_float_layer(Backend& backend, const ModelSpec& spec, const FloatLayer& layer, int seqlen, int batch,
-                     std::vector<float>& hidden, LayerInputs* inputs = nullptr, int64_t row_stride = 0);
+// The calibration hidden states between decoder layers, [windows * seqlen, hidden], as one tensor per
+// forward step (a batch of windows) in the backend's activation dtype. Kept on the backend when
+// `on_device`: a layer then moves no activations between host and GPU (at 128 x 2048 tokens of a
+// 2048-wide model that is 1 GiB each way per layer); otherwise kept on the host, uploaded per step.
+class CalibActivations {
+ public:
+  CalibActivations(Backend& backend, DType activation_dtype, bool on_device)
+      : backend_(&backend), dtype_(activation_dtype), on_device_(on_device) {}
+
+  // Appends the next step's hidden states [tokens, hidden] (any float dtype; converted on upload). An
+  // owned tensor, not a view: the CPU backend's upload uses it in place, and the layers update it.
+  void add_step(HostTensor x);
+  int steps() const { return int(step_rows_.size()); }
+  int64_t step_rows(int step) const { return step_rows_.at(step); }
+  int64_t rows() const { return rows_; }
+  bool on_device() const { return on_device_; }
+  // Step i's states on the backend: on_device, the stored tensor itself (ops on it update the store).
+  DeviceTensor load(int step);
+  // Keeps `x` as step i's states (a no-op for the tensor load returned on_device).
+  void store(int step, const DeviceTensor& x);
+  // Every row in order, fp32 [rows(), hidden].
+  std::vector<float> to_f32();
+
+ private:
+  Backend* backend_;
+  DType dtype_;
+  bool on_device_;
+  std::vector<HostTensor> host_;
+  std::vector<DeviceTensor> device_;
+  std::vector<int64_t> step_rows_;
+  int64_t rows_ = 0;
+};
+
+// Runs one decoder layer in float through the backend's ops over `hidden` (each window one sequence
+// from position 0, `seqlen` tokens, each step of `hidden` whole windows), and replaces `hidden` with
+// the layer's output. With `inputs`, records each linear's input, keeping rows of tokens whose index is
+// a multiple of `row_stride` (0: none); statistics are gathered on `pool`'s threads (null: this thread).
+void run_float_layer(Backend& backend, const ModelSpec& spec, const FloatLayer& layer, int seqlen,
+                     CalibActivations& hidden, LayerInputs* inputs = nullptr, int64_t row_stride = 0,
+                     ThreadPool* pool = nullptr);
 
 // --- smoothing ----------------------------------------------------------------------------------
 
@@ -102,8 +141,8 @@ std::vector<float> default_scales(const SmoothPair& pair, int group);
 
 // Mean squared error of the block output on the recorded input rows when the consumers are quantized
 // after smoothing by `s` (all ones: plain round-to-nearest), against the float block.
-double quantized_block_error(Backend& backend, const SmoothPair& pair, const std::vector<float>& s,
-                             int group);
+double quantized_block_error(Backend& backend, const SmoothPair& pair, const std::vector<float>& s, int group,
+                             ThreadPool* pool = nullptr);
 
 struct ScaleSearch {
   double ratio = 0;
@@ -111,9 +150,10 @@ struct ScaleSearch {
   std::vector<double> errors;  // per grid ratio 0, 0.05, ..., 0.95
 };
 // The 20-point grid on the mean |activation|, keeping the ratio with the least quantized block error.
-ScaleSearch search_scales(Backend& backend, const SmoothPair& pair, int group);
+// Host work (scaling, fake quantization) runs on `pool`'s threads (null: this thread).
+ScaleSearch search_scales(Backend& backend, const SmoothPair& pair, int group, ThreadPool* pool = nullptr);
 
-void apply_smoothing(const SmoothPair& pair, const std::vector<float>& s);
+void apply_smoothing(const SmoothPair& pair, const std::vector<float>& s, ThreadPool* pool = nullptr);
 
 // --- the driver ---------------------------------------------------------------------------------
 
@@ -129,6 +169,7 @@ struct AwqOptions {
   bool smooth = true;
   int64_t search_tokens = 4096;          // rows per linear input kept for the search
   size_t shard_bytes = size_t(2) << 30;  // safetensors shard size limit
+  int host_threads = 0;                  // threads for host-side work; 0: hardware concurrency
 };
 
 // Quantizes options.model_dir into options.work_dir (written as a temporary folder beside it and renamed
