@@ -257,7 +257,7 @@ TEST_CASE("cuda: rope_kv_write and paged attention match the CPU", "[gpu]") {
 // Prompts over fp16/bf16 caches of head_dim 64 and 128 run the tensor-core prefill kernel (version 3):
 // prompt lengths around its 64-row items and 64-key tiles, chunked prefill over a cached context (an
 // interactive second turn: the context is prefilled in step 0, the new tokens in step 1), GQA 1 to 8,
-// blocks of 16 and 64 (and of 32 with 16 heads per KV head, whose items hold 4 tokens).
+// blocks of 16 and 64 (and of 32 with 16 heads per KV head, whose items hold 8 tokens).
 TEST_CASE("cuda: tensor-core prefill attention matches the CPU", "[gpu]") {
   LMD_REQUIRE_GPU();
   CudaBackend gpu;

@@ -396,10 +396,10 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 // Multi-token items over an fp16/bf16 cache with head_dim 64 or 128 (version 3, tensor cores). Version 1
 // above runs prompts on CUDA cores: a 2048-token Llama-2-7B prefill took 219 ms against transformers' 65
-// (docs/benchmarks.md), most of it attention. Here one block of 4 warps takes an item of up to 64 rows
+// (docs/benchmarks.md), most of it attention. Here one block of 4 warps takes an item of up to 128 rows
 // (tokens x the group's heads, token-major as in version 1) and walks the item's cache range in 64-key
 // tiles, flash-attention style:
-//   S = Q K^T  (mma.sync m16n8k16, fp32 accumulators; each warp its 16 rows x 64 keys),
+//   S = Q K^T  (mma.sync m16n8k16, fp32 accumulators; each warp its 32 rows x 64 keys),
 //   causal mask by position (row r is token first_pos + r / head_count), online softmax in registers,
 //   O += P V   (P rounded to the activation type straight from S's accumulator registers, whose m16n8
 //               layout is the A operand's of the next m16n8k16 product).
@@ -409,6 +409,12 @@ __global__ void __launch_bounds__(kWarps * 32)
 // chunk c of row r is stored at chunk c ^ (r % 8): the 8 rows one ldmatrix phase reads then hit 8
 // different bank groups. Items are whole (kv_begin 0, never split; see plan_attention), and each writes
 // its rows of `out` directly.
+// Measured (one layer, 2048-token causal prompt, cuda/tools/attn_prefill_check.cu; H100 and H200 gave
+// the same times): with 16 rows per warp (64-row items) Llama-2-7B took 0.324 ms (106 TFLOP/s) and
+// InternLM2-1.8B 0.195 ms; each K/V fragment loaded by ldmatrix fed only one m16 tile. With 32 rows per
+// warp every fragment feeds two, and the times fell to 0.265 ms (130 TFLOP/s) and 0.171 ms; 8192 tokens
+// went from 141 to 203 TFLOP/s. At head_dim 128 the two tiles' accumulators leave no room for Q in
+// registers (255 registers, a few spilled), so Q fragments are re-read from shared memory per tile.
 template <class T>
 struct Mma;
 template <>
@@ -464,7 +470,8 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
                : "r"(addr));
 }
 
-constexpr int kPrefillKeys = 64;  // keys per tile
+constexpr int kPrefillKeys = 64;                             // keys per tile
+constexpr int kPrefillWarpRows = kAttnPrefillRows / kWarps;  // Q rows per warp, a multiple of 16
 constexpr int kPrefillStages = 2;
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of HD-element 16-bit rows.
@@ -483,6 +490,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     prefill_kernel(const T* qkv, int heads, KvGeometry g, const AttnWork* work, const int* blocks,
                    const T* cache, T* out, float scale_log2) {
   static_assert(sizeof(T) == 2 && HD % 64 == 0);
+  constexpr int kMTiles = kPrefillWarpRows / 16;       // m16 tiles per warp
+  constexpr bool kQInRegisters = kMTiles * HD <= 128;  // else Q fragments are re-read per tile
   constexpr int kChunks = HD / 8;                      // 16-byte chunks per row
   constexpr int kRowsPerPass = kWarps * 32 / kChunks;  // rows one pass of the block's threads copies
   constexpr int kTileBytes = kPrefillKeys * HD * 2;
@@ -526,24 +535,38 @@ __global__ void __launch_bounds__(kWarps * 32)
   load_tile(w.kv_begin, 0);
   cp_async_commit();
 
-  // This thread's two rows of the m16n8 accumulator layout: warp * 16 + lane / 4 (+ 8).
-  const int row0 = warp * 16 + lane / 4;
-  int qpos[2];
+  // This thread's rows of the m16n8 accumulator layout: warp_row0 + mt * 16 + lane / 4 (+ 8).
+  const int warp_row0 = warp * kPrefillWarpRows;
+  int qpos[kMTiles][2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) qpos[h] = w.first_pos + (row0 + 8 * h) / w.head_count;
-  const int warp_rows = min(16, rows - warp * 16);  // <= 0: the warp only helps to copy
-  const int warp_last_pos = warp_rows > 0 ? w.first_pos + (warp * 16 + warp_rows - 1) / w.head_count : -1;
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      qpos[mt][h] = w.first_pos + (warp_row0 + mt * 16 + lane / 4 + 8 * h) / w.head_count;
+  const int warp_rows = min(kPrefillWarpRows, rows - warp_row0);  // <= 0: the warp only helps to copy
+  const int warp_last_pos = warp_rows > 0 ? w.first_pos + (warp_row0 + warp_rows - 1) / w.head_count : -1;
+  // A fragments of the warp's Q rows, one per m16 tile and 16 dims.
+  auto load_q = [&](uint32_t(&a)[4], int mt, int kk) {
+    ldmatrix_x4(a, q_s + swizzled<HD>(warp_row0 + mt * 16 + lane % 16, kk * 2 + lane / 16));
+  };
 
   cp_async_wait<1>();  // the Q group
   __syncthreads();
-  uint32_t qf[HD / 16][4];  // A fragments of the warp's 16 Q rows, one per 16 dims
+  uint32_t qf[kQInRegisters ? kMTiles : 1][kQInRegisters ? HD / 16 : 1][4];
+  if constexpr (kQInRegisters) {
 #pragma unroll
-  for (int kk = 0; kk < HD / 16; ++kk)
-    ldmatrix_x4(qf[kk], q_s + swizzled<HD>(warp * 16 + lane % 16, kk * 2 + lane / 16));
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int kk = 0; kk < HD / 16; ++kk) load_q(qf[mt][kk], mt, kk);
+  }
 
-  float o[HD / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // m in log2 units
+  float o[kMTiles][HD / 8][4], m[kMTiles][2], l[kMTiles][2];  // m in log2 units
 #pragma unroll
-  for (int j = 0; j < HD / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.f;
+#pragma unroll
+    for (int j = 0; j < HD / 8; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.f;
+  }
 
   for (int t = 0; t < tiles; ++t) {
     const int start = w.kv_begin + t * kPrefillKeys;
@@ -553,49 +576,70 @@ __global__ void __launch_bounds__(kWarps * 32)
     __syncthreads();
     const uint32_t k_s = kv_s + (t % kPrefillStages) * 2 * kTileBytes, v_s = k_s + kTileBytes;
     if (start <= warp_last_pos) {
-      float s[kPrefillKeys / 8][4];
+      float s[kMTiles][kPrefillKeys / 8][4];
 #pragma unroll
-      for (int j = 0; j < kPrefillKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-      for (int kk = 0; kk < HD / 16; ++kk)
+        for (int j = 0; j < kPrefillKeys / 8; ++j)
+          s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < HD / 16; ++kk) {
+        uint32_t qk[kQInRegisters ? 1 : kMTiles][4];
+        if constexpr (!kQInRegisters)
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) load_q(qk[mt], mt, kk);
 #pragma unroll
         for (int np = 0; np < kPrefillKeys / 16; ++np) {
           uint32_t b[4];  // keys np * 16 + [0, 8) then [8, 16); dims kk * 16 + [0, 8) then [8, 16) each
           ldmatrix_x4(b, k_s + swizzled<HD>(np * 16 + lane % 8 + (lane / 16) * 8, kk * 2 + (lane / 8) % 2));
-          Mma<T>::run(s[2 * np], qf[kk], b[0], b[1]);
-          Mma<T>::run(s[2 * np + 1], qf[kk], b[2], b[3]);
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            if constexpr (kQInRegisters) {
+              Mma<T>::run(s[mt][2 * np], qf[mt][kk], b[0], b[1]);
+              Mma<T>::run(s[mt][2 * np + 1], qf[mt][kk], b[2], b[3]);
+            } else {
+              Mma<T>::run(s[mt][2 * np], qk[mt], b[0], b[1]);
+              Mma<T>::run(s[mt][2 * np + 1], qk[mt], b[2], b[3]);
+            }
+          }
         }
+      }
       // Keys after a row's position (causal) or past kv_end (which is past every row's position).
       if (start + kPrefillKeys - 1 > w.first_pos) {
 #pragma unroll
-        for (int j = 0; j < kPrefillKeys / 8; ++j)
+        for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (start + j * 8 + 2 * (lane % 4) + e % 2 > qpos[e / 2]) s[j][e] = -INFINITY;
+          for (int j = 0; j < kPrefillKeys / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              if (start + j * 8 + 2 * (lane % 4) + e % 2 > qpos[mt][e / 2]) s[mt][j][e] = -INFINITY;
       }
-      uint32_t p[kPrefillKeys / 16][4];  // A fragments of P, one per 16 keys
+      uint32_t p[kMTiles][kPrefillKeys / 16][4];  // A fragments of P, one per m16 tile and 16 keys
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float mx = -INFINITY;
+      for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-        for (int j = 0; j < kPrefillKeys / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a row
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[h], mx * scale_log2);
-        const float ref = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet stays at zero
-        const float corr = exp2f(m[h] - ref);
-        m[h] = m_new;
-        l[h] *= corr;  // per lane; the row's lanes are summed at the end
+        for (int h = 0; h < 2; ++h) {
+          float mx = -INFINITY;
 #pragma unroll
-        for (int j = 0; j < HD / 8; ++j) o[j][2 * h] *= corr, o[j][2 * h + 1] *= corr;
+          for (int j = 0; j < kPrefillKeys / 8; ++j)
+            mx = fmaxf(mx, fmaxf(s[mt][j][2 * h], s[mt][j][2 * h + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a row
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float m_new = fmaxf(m[mt][h], mx * scale_log2);
+          const float ref = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet stays at zero
+          const float corr = exp2f(m[mt][h] - ref);
+          m[mt][h] = m_new;
+          l[mt][h] *= corr;  // per lane; the row's lanes are summed at the end
 #pragma unroll
-        for (int j = 0; j < kPrefillKeys / 8; ++j) {
-          const float p0 = exp2f(s[j][2 * h] * scale_log2 - ref),
-                      p1 = exp2f(s[j][2 * h + 1] * scale_log2 - ref);
-          l[h] += p0 + p1;
-          p[j / 2][(j % 2) * 2 + h] = Mma<T>::pack(p0, p1);
+          for (int j = 0; j < HD / 8; ++j) o[mt][j][2 * h] *= corr, o[mt][j][2 * h + 1] *= corr;
+#pragma unroll
+          for (int j = 0; j < kPrefillKeys / 8; ++j) {
+            const float p0 = exp2f(s[mt][j][2 * h] * scale_log2 - ref),
+                        p1 = exp2f(s[mt][j][2 * h + 1] * scale_log2 - ref);
+            l[mt][h] += p0 + p1;
+            p[mt][j / 2][(j % 2) * 2 + h] = Mma<T>::pack(p0, p1);
+          }
         }
-      }
 #pragma unroll
       for (int kk = 0; kk < kPrefillKeys / 16; ++kk)
 #pragma unroll
@@ -603,28 +647,34 @@ __global__ void __launch_bounds__(kWarps * 32)
           uint32_t b[4];  // keys kk * 16 + [0, 8) then [8, 16), dims dp * 16 + [0, 8); then dims + 8
           ldmatrix_x4_trans(
               b, v_s + swizzled<HD>(kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, dp * 2 + lane / 16));
-          Mma<T>::run(o[2 * dp], p[kk], b[0], b[1]);
-          Mma<T>::run(o[2 * dp + 1], p[kk], b[2], b[3]);
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            Mma<T>::run(o[mt][2 * dp], p[mt][kk], b[0], b[1]);
+            Mma<T>::run(o[mt][2 * dp + 1], p[mt][kk], b[2], b[3]);
+          }
         }
     }
     __syncthreads();  // the next iteration's copy overwrites this stage
   }
 
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = row0 + 8 * h;
-    float sum = l[h];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    if (r >= rows) continue;
-    const float inv = 1.f / sum;
-    const int token = w.token_begin + r / w.head_count,
-              head = kvhead * group + w.head_begin + r % w.head_count;
-    T* dst = out + int64_t(token) * heads * HD + int64_t(head) * HD + 2 * (lane % 4);
+  for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-    for (int j = 0; j < HD / 8; ++j)
-      *reinterpret_cast<uint32_t*>(dst + j * 8) = Mma<T>::pack(o[j][2 * h] * inv, o[j][2 * h + 1] * inv);
-  }
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp_row0 + mt * 16 + lane / 4 + 8 * h;
+      float sum = l[mt][h];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if (r >= rows) continue;
+      const float inv = 1.f / sum;
+      const int token = w.token_begin + r / w.head_count,
+                head = kvhead * group + w.head_begin + r % w.head_count;
+      T* dst = out + int64_t(token) * heads * HD + int64_t(head) * HD + 2 * (lane % 4);
+#pragma unroll
+      for (int j = 0; j < HD / 8; ++j)
+        *reinterpret_cast<uint32_t*>(dst + j * 8) =
+            Mma<T>::pack(o[mt][j][2 * h] * inv, o[mt][j][2 * h + 1] * inv);
+    }
 }
 
 template <class T>

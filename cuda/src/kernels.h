@@ -72,7 +72,7 @@ int attn_max_rows(int head_dim);
 bool attn_decode_v2(int elem_bytes, const KvGeometry& g);
 
 // Rows of one multi-token work item for the tensor-core prefill kernel (version 3).
-constexpr int kAttnPrefillRows = 64;
+constexpr int kAttnPrefillRows = 128;
 
 // Whether multi-token items over this cache run the tensor-core prefill kernel (version 3): fp16/bf16
 // activations and cache, head_dim 64 or 128, and at most kAttnPrefillRows / 2 query heads per KV head.
