@@ -294,6 +294,41 @@ TEST_CASE("cuda: rope_kv_write and paged attention match the CPU", "[gpu]") {
   worst.report();
 }
 
+// Prompts over fp16/bf16 caches of head_dim 64 and 128 run the tensor-core prefill kernel (version 3):
+// prompt lengths around its 64-row items and 64-key tiles, chunked prefill over a cached context (an
+// interactive second turn: the context is prefilled in step 0, the new tokens in step 1), GQA 1 to 8,
+// blocks of 16 and 64 (and of 32 with 16 heads per KV head, whose items hold 8 tokens).
+TEST_CASE("cuda: tensor-core prefill attention matches the CPU", "[gpu]") {
+  LMD_REQUIRE_GPU();
+  CudaBackend gpu;
+  CpuBackend cpu;
+  std::mt19937 rng(11);
+  Worst worst;
+  const std::vector<std::vector<std::pair<int, int>>> batches{
+      {{0, 1}},    {{0, 7}},    {{0, 64}},
+      {{0, 65}},   {{0, 300}},  {{0, 1000}},
+      {{300, 77}}, {{1000, 7}}, {{63, 65}, {0, 1}, {40, 1}, {0, 9}},
+  };
+  for (int head_dim : {64, 128})
+    for (int kv_heads : {8, 4, 2, 1})
+      for (DType dt : {DType::F16, DType::BF16})
+        for (size_t b = 0; b < batches.size(); ++b) {
+          const AttnCase c{8, kv_heads, head_dim, b % 2 ? 16 : 64, batches[b]};
+          INFO(dtype_name(dt) << " heads 8/" << kv_heads << " head_dim " << head_dim << " block "
+                              << c.block_len << " batch " << b);
+          CHECK(cuda_prefill_attention_v3(dt, {2, kv_heads, head_dim, c.block_len, 1, 0}, c.heads));
+          run_attention_case(gpu, cpu, c, dt, 0, rng, worst);
+        }
+  const AttnCase wide_group{16, 1, 128, 32, {{0, 30}, {50, 9}}};
+  CHECK(cuda_prefill_attention_v3(DType::F16, {2, 1, 128, 32, 1, 0}, 16));
+  run_attention_case(gpu, cpu, wide_group, DType::F16, 0, rng, worst);
+  // Paths that keep the tile kernel for prompts: fp32, quantized caches, other head dims.
+  CHECK_FALSE(cuda_prefill_attention_v3(DType::F32, {2, 8, 128, 16, 1, 0}, 8));
+  CHECK_FALSE(cuda_prefill_attention_v3(DType::F16, {2, 8, 128, 16, 1, 8}, 8));
+  CHECK_FALSE(cuda_prefill_attention_v3(DType::F16, {2, 8, 256, 16, 1, 0}, 8));
+  worst.report();
+}
+
 namespace {
 
 nlohmann::json read_json(const std::filesystem::path& p) {

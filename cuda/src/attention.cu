@@ -1,5 +1,7 @@
-// Causal grouped-query attention over the paged KV cache, for prefill and decode alike (version 1:
-// CUDA cores, fp32 math; a tensor-core prefill is a later step).
+// Causal grouped-query attention over the paged KV cache. Version 1 (attention_kernel) serves every
+// case: CUDA cores, fp32 math. Version 2 (decode_kernel) runs one-token items, version 3 (prefill_kernel,
+// tensor cores) multi-token items over fp16/bf16 caches of head_dim 64 or 128; each says below what it
+// replaced and why.
 //
 // Work item (AttnWork) x KV head = one block of 4 warps. The item's rows are up to kAttnMaxRows
 // (token, query head) pairs of one KV-head group, so every K/V row loaded from the cache serves the
@@ -395,6 +397,289 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// Multi-token items over an fp16/bf16 cache with head_dim 64 or 128 (version 3, tensor cores). Version 1
+// above runs prompts on CUDA cores: a 2048-token Llama-2-7B prefill took 219 ms against transformers' 65
+// (docs/benchmarks.md), most of it attention. Here one block of 4 warps takes an item of up to 128 rows
+// (tokens x the group's heads, token-major as in version 1) and walks the item's cache range in 64-key
+// tiles, flash-attention style:
+//   S = Q K^T  (mma.sync m16n8k16, fp32 accumulators; each warp its 32 rows x 64 keys),
+//   causal mask by position (row r is token first_pos + r / head_count), online softmax in registers,
+//   O += P V   (P rounded to the activation type straight from S's accumulator registers, whose m16n8
+//               layout is the A operand's of the next m16n8k16 product).
+// K/V tiles come from the paged cache through cp.async into two shared-memory stages (the next tile loads
+// while this one is multiplied); rows past kv_end are zero-filled so that 0-weighted V rows cannot
+// inject NaN from unwritten cache slots. Shared rows are HD * 2 bytes, a multiple of 128, so the 16-byte
+// chunk c of row r is stored at chunk c ^ (r % 8): the 8 rows one ldmatrix phase reads then hit 8
+// different bank groups. Items are whole (kv_begin 0, never split; see plan_attention), and each writes
+// its rows of `out` directly.
+// Measured (one layer, 2048-token causal prompt, cuda/tools/attn_prefill_check.cu; H100 and H200 gave
+// the same times): with 16 rows per warp (64-row items) Llama-2-7B took 0.324 ms (106 TFLOP/s) and
+// InternLM2-1.8B 0.195 ms; each K/V fragment loaded by ldmatrix fed only one m16 tile. With 32 rows per
+// warp every fragment feeds two, and the times fell to 0.265 ms (130 TFLOP/s) and 0.171 ms; 8192 tokens
+// went from 141 to 203 TFLOP/s. At head_dim 128 the two tiles' accumulators leave no room for Q in
+// registers (255 registers, a few spilled), so Q fragments are re-read from shared memory per tile.
+template <class T>
+struct Mma;
+template <>
+struct Mma<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  // c += a b for one 16x8x16 tile.
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+// 16 bytes global -> shared, bypassing L1; `bytes` 0 writes zeros without reading `src`.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+constexpr int kPrefillKeys = 64;                             // keys per tile
+constexpr int kPrefillWarpRows = kAttnPrefillRows / kWarps;  // Q rows per warp, a multiple of 16
+constexpr int kPrefillStages = 2;
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of HD-element 16-bit rows.
+template <int HD>
+__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
+  return uint32_t(row * HD * 2 + ((chunk ^ (row % 8)) * 16));
+}
+
+template <int HD>
+constexpr size_t prefill_smem() {
+  return size_t(kAttnPrefillRows + kPrefillStages * 2 * kPrefillKeys) * HD * 2;
+}
+
+template <class T, int HD>
+__global__ void __launch_bounds__(kWarps * 32)
+    prefill_kernel(const T* qkv, int heads, KvGeometry g, const AttnWork* work, const int* blocks,
+                   const T* cache, T* out, float scale_log2) {
+  static_assert(sizeof(T) == 2 && HD % 64 == 0);
+  constexpr int kMTiles = kPrefillWarpRows / 16;       // m16 tiles per warp
+  constexpr bool kQInRegisters = kMTiles * HD <= 128;  // else Q fragments are re-read per tile
+  constexpr int kChunks = HD / 8;                      // 16-byte chunks per row
+  constexpr int kRowsPerPass = kWarps * 32 / kChunks;  // rows one pass of the block's threads copies
+  constexpr int kTileBytes = kPrefillKeys * HD * 2;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const uint32_t q_s = smem_addr(smem), kv_s = q_s + kAttnPrefillRows * HD * 2;  // kv_s: [stage][K, V]
+  const AttnWork w = work[blockIdx.x];
+  const int kvhead = blockIdx.y, group = heads / g.kv_heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int rows = w.token_count * w.head_count;
+  const int64_t qkv_row = int64_t(heads + 2 * g.kv_heads) * HD;
+  const int* seq_blocks = blocks + w.block_off;
+  const int copy_chunk = threadIdx.x % kChunks, copy_row = threadIdx.x / kChunks;
+
+  // Q rows past `rows` are zero: their scores stay finite and they are never written.
+  for (int r = copy_row; r < kAttnPrefillRows; r += kRowsPerPass) {
+    const T* src = qkv;
+    if (r < rows) {
+      const int token = w.token_begin + r / w.head_count,
+                head = kvhead * group + w.head_begin + r % w.head_count;
+      src = qkv + token * qkv_row + int64_t(head) * HD + copy_chunk * 8;
+    }
+    cp_async16(q_s + swizzled<HD>(r, copy_chunk), src, r < rows ? 16 : 0);
+  }
+  cp_async_commit();
+  auto load_tile = [&](int start, int stage) {
+    const uint32_t k_dst = kv_s + stage * 2 * kTileBytes, v_dst = k_dst + kTileBytes;
+    for (int r = copy_row; r < kPrefillKeys; r += kRowsPerPass) {
+      const int pos = start + r;
+      const T *k_src = cache, *v_src = cache;
+      if (pos < w.kv_end) {
+        const int block = seq_blocks[pos / g.block_len], slot = pos % g.block_len;
+        k_src = cache + cache_row(g, block, 0, kvhead, slot) * HD + copy_chunk * 8;
+        v_src = cache + cache_row(g, block, 1, kvhead, slot) * HD + copy_chunk * 8;
+      }
+      const int bytes = pos < w.kv_end ? 16 : 0;
+      cp_async16(k_dst + swizzled<HD>(r, copy_chunk), k_src, bytes);
+      cp_async16(v_dst + swizzled<HD>(r, copy_chunk), v_src, bytes);
+    }
+  };
+  const int tiles = (w.kv_end - w.kv_begin + kPrefillKeys - 1) / kPrefillKeys;
+  load_tile(w.kv_begin, 0);
+  cp_async_commit();
+
+  // This thread's rows of the m16n8 accumulator layout: warp_row0 + mt * 16 + lane / 4 (+ 8).
+  const int warp_row0 = warp * kPrefillWarpRows;
+  int qpos[kMTiles][2];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      qpos[mt][h] = w.first_pos + (warp_row0 + mt * 16 + lane / 4 + 8 * h) / w.head_count;
+  const int warp_rows = min(kPrefillWarpRows, rows - warp_row0);  // <= 0: the warp only helps to copy
+  const int warp_last_pos = warp_rows > 0 ? w.first_pos + (warp_row0 + warp_rows - 1) / w.head_count : -1;
+  // A fragments of the warp's Q rows, one per m16 tile and 16 dims.
+  auto load_q = [&](uint32_t(&a)[4], int mt, int kk) {
+    ldmatrix_x4(a, q_s + swizzled<HD>(warp_row0 + mt * 16 + lane % 16, kk * 2 + lane / 16));
+  };
+
+  cp_async_wait<1>();  // the Q group
+  __syncthreads();
+  uint32_t qf[kQInRegisters ? kMTiles : 1][kQInRegisters ? HD / 16 : 1][4];
+  if constexpr (kQInRegisters) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int kk = 0; kk < HD / 16; ++kk) load_q(qf[mt][kk], mt, kk);
+  }
+
+  float o[kMTiles][HD / 8][4], m[kMTiles][2], l[kMTiles][2];  // m in log2 units
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.f;
+#pragma unroll
+    for (int j = 0; j < HD / 8; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.f;
+  }
+
+  for (int t = 0; t < tiles; ++t) {
+    const int start = w.kv_begin + t * kPrefillKeys;
+    if (t + 1 < tiles) load_tile(start + kPrefillKeys, (t + 1) % kPrefillStages);
+    cp_async_commit();  // possibly empty, so that "all but the newest group" is always tile t
+    cp_async_wait<1>();
+    __syncthreads();
+    const uint32_t k_s = kv_s + (t % kPrefillStages) * 2 * kTileBytes, v_s = k_s + kTileBytes;
+    if (start <= warp_last_pos) {
+      float s[kMTiles][kPrefillKeys / 8][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int j = 0; j < kPrefillKeys / 8; ++j)
+          s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < HD / 16; ++kk) {
+        uint32_t qk[kQInRegisters ? 1 : kMTiles][4];
+        if constexpr (!kQInRegisters)
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) load_q(qk[mt], mt, kk);
+#pragma unroll
+        for (int np = 0; np < kPrefillKeys / 16; ++np) {
+          uint32_t b[4];  // keys np * 16 + [0, 8) then [8, 16); dims kk * 16 + [0, 8) then [8, 16) each
+          ldmatrix_x4(b, k_s + swizzled<HD>(np * 16 + lane % 8 + (lane / 16) * 8, kk * 2 + (lane / 8) % 2));
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            if constexpr (kQInRegisters) {
+              Mma<T>::run(s[mt][2 * np], qf[mt][kk], b[0], b[1]);
+              Mma<T>::run(s[mt][2 * np + 1], qf[mt][kk], b[2], b[3]);
+            } else {
+              Mma<T>::run(s[mt][2 * np], qk[mt], b[0], b[1]);
+              Mma<T>::run(s[mt][2 * np + 1], qk[mt], b[2], b[3]);
+            }
+          }
+        }
+      }
+      // Keys after a row's position (causal) or past kv_end (which is past every row's position).
+      if (start + kPrefillKeys - 1 > w.first_pos) {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+          for (int j = 0; j < kPrefillKeys / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              if (start + j * 8 + 2 * (lane % 4) + e % 2 > qpos[mt][e / 2]) s[mt][j][e] = -INFINITY;
+      }
+      uint32_t p[kMTiles][kPrefillKeys / 16][4];  // A fragments of P, one per m16 tile and 16 keys
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float mx = -INFINITY;
+#pragma unroll
+          for (int j = 0; j < kPrefillKeys / 8; ++j)
+            mx = fmaxf(mx, fmaxf(s[mt][j][2 * h], s[mt][j][2 * h + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a row
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float m_new = fmaxf(m[mt][h], mx * scale_log2);
+          const float ref = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet stays at zero
+          const float corr = exp2f(m[mt][h] - ref);
+          m[mt][h] = m_new;
+          l[mt][h] *= corr;  // per lane; the row's lanes are summed at the end
+#pragma unroll
+          for (int j = 0; j < HD / 8; ++j) o[mt][j][2 * h] *= corr, o[mt][j][2 * h + 1] *= corr;
+#pragma unroll
+          for (int j = 0; j < kPrefillKeys / 8; ++j) {
+            const float p0 = exp2f(s[mt][j][2 * h] * scale_log2 - ref),
+                        p1 = exp2f(s[mt][j][2 * h + 1] * scale_log2 - ref);
+            l[mt][h] += p0 + p1;
+            p[mt][j / 2][(j % 2) * 2 + h] = Mma<T>::pack(p0, p1);
+          }
+        }
+#pragma unroll
+      for (int kk = 0; kk < kPrefillKeys / 16; ++kk)
+#pragma unroll
+        for (int dp = 0; dp < HD / 16; ++dp) {
+          uint32_t b[4];  // keys kk * 16 + [0, 8) then [8, 16), dims dp * 16 + [0, 8); then dims + 8
+          ldmatrix_x4_trans(
+              b, v_s + swizzled<HD>(kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, dp * 2 + lane / 16));
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            Mma<T>::run(o[mt][2 * dp], p[mt][kk], b[0], b[1]);
+            Mma<T>::run(o[mt][2 * dp + 1], p[mt][kk], b[2], b[3]);
+          }
+        }
+    }
+    __syncthreads();  // the next iteration's copy overwrites this stage
+  }
+
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp_row0 + mt * 16 + lane / 4 + 8 * h;
+      float sum = l[mt][h];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if (r >= rows) continue;
+      const float inv = 1.f / sum;
+      const int token = w.token_begin + r / w.head_count,
+                head = kvhead * group + w.head_begin + r % w.head_count;
+      T* dst = out + int64_t(token) * heads * HD + int64_t(head) * HD + 2 * (lane % 4);
+#pragma unroll
+      for (int j = 0; j < HD / 8; ++j)
+        *reinterpret_cast<uint32_t*>(dst + j * 8) =
+            Mma<T>::pack(o[mt][j][2 * h] * inv, o[mt][j][2 * h + 1] * inv);
+    }
+}
+
 template <class T>
 __global__ void combine_kernel(int heads, KvGeometry g, const AttnCombine* combine, int max_rows,
                                const float* partials, T* out) {
@@ -434,6 +719,23 @@ size_t attention_smem(int head_dim, int elem_bytes, int max_rows) {
   const size_t tiles = size_t(kWarps) * 2 * kTile * tile_stride(head_dim, elem_bytes) * elem_bytes;
   const size_t merge = size_t(kWarps) * max_rows * (2 + head_dim) * 4;
   return q + std::max(tiles, merge);
+}
+
+template <class T, int HD>
+void launch_prefill(const void* qkv, int heads, const KvGeometry& g, const AttnWork* work, int num_work,
+                    const int* blocks, const void* cache, void* out, cudaStream_t stream) {
+  constexpr size_t smem = prefill_smem<HD>();
+  auto kernel = prefill_kernel<T, HD>;
+  static bool configured = false;  // raising the dynamic shared-memory limit once per instantiation
+  if (!configured) {
+    LMD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    configured = true;
+  }
+  constexpr float kLog2e = 1.4426950408889634f;  // the kernel's softmax runs on exp2
+  kernel<<<dim3(num_work, g.kv_heads), kWarps * 32, smem, stream>>>(
+      static_cast<const T*>(qkv), heads, g, work, blocks, static_cast<const T*>(cache), static_cast<T*>(out),
+      kLog2e / sqrtf(float(HD)));
+  LMD_CUDA_LAUNCHED();
 }
 
 template <class T, int DPL>
@@ -504,6 +806,11 @@ int attn_max_rows(int head_dim) { return dims_per_lane(head_dim) <= 4 ? 8 : 4; }
 
 bool attn_decode_v2(int elem_bytes, const KvGeometry& g) { return decode_lanes(elem_bytes, g) > 0; }
 
+bool attn_prefill_v3(int elem_bytes, const KvGeometry& g, int heads) {
+  return elem_bytes == 2 && g.quant_bits == 0 && (g.head_dim == 64 || g.head_dim == 128) &&
+         heads / g.kv_heads <= kAttnPrefillRows / 2;
+}
+
 int64_t attn_partial_floats(int num_partials, const KvGeometry& g) {
   return int64_t(num_partials) * g.kv_heads * attn_max_rows(g.head_dim) * (2 + g.head_dim);
 }
@@ -530,6 +837,16 @@ void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, con
       }
       work += num_decode;
       num_work -= num_decode;
+    }
+    if constexpr (sizeof(T) == 2) {
+      if (num_work > 0 && attn_prefill_v3(sizeof(T), g, heads)) {
+        if (g.head_dim == 64) {
+          launch_prefill<T, 64>(qkv, heads, g, work, num_work, blocks, cache, out, stream);
+        } else {
+          launch_prefill<T, 128>(qkv, heads, g, work, num_work, blocks, cache, out, stream);
+        }
+        num_work = 0;
+      }
     }
     if (attention_smem(g.head_dim, sizeof(T), attn_max_rows(g.head_dim)) > 227 * 1024)
       fail("CUDA attention: head_dim ", g.head_dim, " in ", dtype_name(dtype),

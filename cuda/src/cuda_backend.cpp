@@ -11,6 +11,7 @@
 #include <mutex>
 #include <sstream>
 
+#include "attn_plan.h"
 #include "cuda_check.h"
 #include "kernels.h"
 #include "lmd/core/awq_layout.h"
@@ -152,13 +153,6 @@ namespace {
 // Graph-step sub-allocations are aligned like cudaMalloc's smallest alignment that vector loads need.
 size_t arena_bytes(size_t bytes) { return (std::max<size_t>(bytes, 1) + 255) / 256 * 256; }
 
-// Every sequence's block list padded to `stride` entries (graph steps need fixed metadata sizes).
-std::vector<int> padded_blocks(const std::vector<int>& blocks, int stride) {
-  std::vector<int> out(blocks);
-  out.resize(std::max<size_t>(stride, blocks.size()), blocks.empty() ? 0 : blocks.back());
-  return out;
-}
-
 }  // namespace
 
 bool cuda_device_available() {
@@ -172,6 +166,12 @@ bool cuda_decode_attention_v2(DType activation, const KvCacheLayout& layout) {
   const cuda::KvGeometry g{layout.layers,    layout.kv_heads, layout.head_dim, layout.block_len, 0,
                            layout.quant_bits};
   return cuda::attn_decode_v2(int(dtype_size(activation)), g);
+}
+
+bool cuda_prefill_attention_v3(DType activation, const KvCacheLayout& layout, int heads) {
+  const cuda::KvGeometry g{layout.layers,    layout.kv_heads, layout.head_dim, layout.block_len, 0,
+                           layout.quant_bits};
+  return cuda::attn_prefill_v3(int(dtype_size(activation)), g, heads);
 }
 
 std::string cuda_device_name(int device) {
@@ -599,7 +599,7 @@ void CudaBackend::rope_kv_write(DeviceTensor& qkv, const BatchLayout& batch, int
     }
     meta[2 * tokens + s] = int(meta.size());
     if (graph) {
-      const std::vector<int> padded = padded_blocks(q.blocks, state_->graph_stride());
+      const std::vector<int> padded = cuda::padded_blocks(q.blocks, state_->graph_stride());
       meta.insert(meta.end(), padded.begin(), padded.end());
     } else {
       meta.insert(meta.end(), q.blocks.begin(), q.blocks.end());
@@ -627,79 +627,27 @@ void CudaBackend::attention(const DeviceTensor& qkv, const BatchLayout& batch, i
   const KvCacheLayout& L = cache.layout;
   require_same(qkv, out, "attention");
   if (L.quant_bits == 0) require_same(qkv, cache.data, "attention (cache)");
-  if (heads % L.kv_heads != 0) fail("CUDA attention: ", heads, " heads over ", L.kv_heads, " KV heads");
-  const int group = heads / L.kv_heads, max_rows = cuda::attn_max_rows(L.head_dim);
-  const int head_chunk = std::min(group, max_rows), tokens_per_item = std::max(1, max_rows / head_chunk);
-  constexpr int kMinKeysPerSplit = 128;  // 4 warps x one 32-key tile each
-
-  struct Item {
-    int seq, token_begin, token_count, head_begin, head_count, kv_len;
-  };
-  std::vector<Item> items;
-  for (int s = 0; s < int(batch.seqs.size()); ++s) {
-    const SeqSlice& q = batch.seqs[s];
-    for (int t = 0; t < q.num_new; t += tokens_per_item)
-      for (int h = 0; h < group; h += head_chunk) {
-        const int count = std::min(tokens_per_item, q.num_new - t);
-        items.push_back(
-            {s, q.token_offset + t, count, h, std::min(head_chunk, group - h), q.context_len + t + count});
-      }
-  }
-  if (items.empty()) return;
-  // Split long cache ranges until the grid holds about two blocks per SM (decode needs this; prefill
-  // usually has enough items already).
-  const int64_t base_blocks = int64_t(items.size()) * L.kv_heads;
-  const int want = int(std::max<int64_t>(1, (2 * state_->sms + base_blocks - 1) / base_blocks));
-
-  // A graph step keeps the grid and the metadata sizes of its shape: every item gets `want` splits (the
-  // ones past the context are empty and merge as nothing) and block lists are padded to the stride.
+  const cuda::KvGeometry g{L.layers, L.kv_heads, L.head_dim, L.block_len, layer, L.quant_bits};
   const bool graph = state_->mode != CudaState::Mode::Eager;
-  std::vector<int> block_off(batch.seqs.size()), blocks;
-  for (size_t s = 0; s < batch.seqs.size(); ++s) {
-    block_off[s] = int(blocks.size());
-    const std::vector<int> list =
-        graph ? padded_blocks(batch.seqs[s].blocks, state_->graph_stride()) : batch.seqs[s].blocks;
-    blocks.insert(blocks.end(), list.begin(), list.end());
-  }
-  std::vector<cuda::AttnWork> work;
-  std::vector<cuda::AttnCombine> combine;
-  int partials = 0;
-  for (const Item& it : items) {
-    const SeqSlice& q = batch.seqs[it.seq];
-    int splits = graph ? want : std::clamp((it.kv_len + kMinKeysPerSplit - 1) / kMinKeysPerSplit, 1, want);
-    const int chunk = ((it.kv_len + splits - 1) / splits + 31) / 32 * 32;
-    if (!graph) splits = (it.kv_len + chunk - 1) / chunk;
-    const int first_pos = q.context_len + (it.token_begin - q.token_offset);
-    if (splits > 1)
-      combine.push_back({it.token_begin, it.token_count, it.head_begin, it.head_count, partials, splits});
-    for (int s = 0; s < splits; ++s)
-      work.push_back({it.token_begin, it.token_count, it.head_begin, it.head_count, first_pos,
-                      block_off[it.seq], std::min(it.kv_len, s * chunk), std::min(it.kv_len, (s + 1) * chunk),
-                      splits > 1 ? partials + s : -1});
-    if (splits > 1) partials += splits;
-  }
-  // One-token items first: they run the decode kernel (its own launch), the rest the general one.
-  const auto decode_end = std::stable_partition(work.begin(), work.end(),
-                                                [](const cuda::AttnWork& w) { return w.token_count == 1; });
-  const int num_decode = int(decode_end - work.begin());
-  int decode_rows = 1;
-  for (auto it = work.begin(); it != decode_end; ++it) decode_rows = std::max(decode_rows, it->head_count);
+  const cuda::AttnPlan plan = cuda::plan_attention(batch.seqs, heads, int(dtype_size(qkv.dtype)), g,
+                                                   state_->sms, graph ? state_->graph_stride() : 0);
+  if (plan.work.empty()) return;
   static_assert(sizeof(cuda::AttnWork) == 9 * sizeof(int) && sizeof(cuda::AttnCombine) == 6 * sizeof(int));
-  std::vector<int> meta(work.size() * 9 + combine.size() * 6);
-  std::memcpy(meta.data(), work.data(), work.size() * sizeof(cuda::AttnWork));
-  std::memcpy(meta.data() + work.size() * 9, combine.data(), combine.size() * sizeof(cuda::AttnCombine));
+  std::vector<int> meta(plan.work.size() * 9 + plan.combine.size() * 6);
+  std::memcpy(meta.data(), plan.work.data(), plan.work.size() * sizeof(cuda::AttnWork));
+  std::memcpy(meta.data() + plan.work.size() * 9, plan.combine.data(),
+              plan.combine.size() * sizeof(cuda::AttnCombine));
   const int blocks_off = int(meta.size());
-  meta.insert(meta.end(), blocks.begin(), blocks.end());
+  meta.insert(meta.end(), plan.blocks.begin(), plan.blocks.end());
   const int* dev = upload_meta(1, meta);
 
-  const cuda::KvGeometry g{L.layers, L.kv_heads, L.head_dim, L.block_len, layer, L.quant_bits};
   DeviceTensor scratch;
-  if (partials > 0) scratch = alloc(DType::F32, {cuda::attn_partial_floats(partials, g)});
+  if (plan.partials > 0) scratch = alloc(DType::F32, {cuda::attn_partial_floats(plan.partials, g)});
   if (replaying()) return;
   cuda::attention(qkv.dtype, qkv.data, heads, g, reinterpret_cast<const cuda::AttnWork*>(dev),
-                  int(work.size()), num_decode, decode_rows,
-                  reinterpret_cast<const cuda::AttnCombine*>(dev + work.size() * 9), int(combine.size()),
-                  dev + blocks_off, cache.data.data,
+                  int(plan.work.size()), plan.num_decode, plan.decode_rows,
+                  reinterpret_cast<const cuda::AttnCombine*>(dev + plan.work.size() * 9),
+                  int(plan.combine.size()), dev + blocks_off, cache.data.data,
                   cache.params.empty() ? nullptr : cache.params.as<uint16_t>(),
                   scratch.empty() ? nullptr : scratch.as<float>(), out.data, state_->stream);
 }

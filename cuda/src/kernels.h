@@ -78,8 +78,18 @@ int attn_max_rows(int head_dim);
 // than the general one.
 bool attn_decode_v2(int elem_bytes, const KvGeometry& g);
 
+// Rows of one multi-token work item for the tensor-core prefill kernel (version 3).
+constexpr int kAttnPrefillRows = 128;
+
+// Whether multi-token items over this cache run the tensor-core prefill kernel (version 3): fp16/bf16
+// activations and cache, head_dim 64 or 128, and at most kAttnPrefillRows / 2 query heads per KV head.
+// Such items are whole (never split over the cache: kv_begin 0, no partial slot) and hold up to
+// kAttnPrefillRows rows: all `heads / kv_heads` heads of the group for consecutive tokens.
+bool attn_prefill_v3(int elem_bytes, const KvGeometry& g, int heads);
+
 // The first `num_decode` work items have one token and at most `decode_rows` rows each: they run the
-// decode kernel where it applies (attn_decode_v2), the rest the general one.
+// decode kernel where it applies (attn_decode_v2); the rest run the prefill kernel where it applies
+// (attn_prefill_v3), else the general one.
 void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, const AttnWork* work,
                int num_work, int num_decode, int decode_rows, const AttnCombine* combine, int num_combine,
                const int* blocks, const void* cache, const uint16_t* params, float* partials, void* out,

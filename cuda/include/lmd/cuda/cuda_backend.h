@@ -18,6 +18,9 @@ std::string cuda_device_name(int device = 0);
 // Whether decode attention over this cache runs the register-resident kernel (version 2) rather than
 // the shared-memory tile kernel; tests use it to know which path they cover.
 bool cuda_decode_attention_v2(DType activation, const KvCacheLayout& layout);
+// Whether prompt tokens (steps of more than one new token) over this cache with `heads` query heads run
+// the tensor-core prefill kernel (version 3) rather than the shared-memory tile kernel.
+bool cuda_prefill_attention_v3(DType activation, const KvCacheLayout& layout, int heads);
 
 struct CudaState;
 

@@ -1,0 +1,29 @@
+// How CudaBackend::attention cuts a batch into work items for the attention kernels, kept apart from the
+// backend so that the standalone check (tools/attn_prefill_check.cu) runs exactly the backend's items.
+#pragma once
+#include <vector>
+
+#include "kernels.h"
+#include "lmd/engine/backend.h"
+
+namespace lmd::cuda {
+
+struct AttnPlan {
+  std::vector<AttnWork> work;  // the num_decode one-token items first, then the multi-token ones
+  std::vector<AttnCombine> combine;
+  std::vector<int> blocks;  // the sequences' block lists, concatenated (AttnWork::block_off)
+  int num_decode = 0;
+  int decode_rows = 1;  // the most rows of a one-token item
+  int partials = 0;     // split-K partial-result slots
+};
+
+// `sms`: multiprocessors of the device (long cache ranges are split until the grid fills them).
+// `graph_stride` > 0 plans a graph step (decode only): every item gets the same number of splits and
+// block lists are padded to `graph_stride` entries, so that the metadata keeps its sizes between steps.
+AttnPlan plan_attention(const std::vector<SeqSlice>& seqs, int heads, int elem_bytes, const KvGeometry& g,
+                        int sms, int graph_stride);
+
+// A sequence's block list padded to `stride` entries with its last block.
+std::vector<int> padded_blocks(const std::vector<int>& blocks, int stride);
+
+}  // namespace lmd::cuda
