@@ -82,8 +82,8 @@ void require_same(const DeviceTensor& a, const DeviceTensor& b, const char* op) 
 }
 
 // int4 linears of at least this many rows dequantize + cuBLAS, fewer run the tensor-core GEMV. Measured
-// on an H200 over a Llama-2-7B layer set (lmd_bench_w4a16, docs/benchmarks.md): GEMV 6.9 ms vs 8.8 ms at
-// 32 rows, 10.8 vs 8.9 ms at 48 (the GEMV's 8-tile variant, used from 33 rows, is the slow one).
+// on an H100 over a Llama-2-7B layer set (lmd_bench_w4a16, docs/benchmarks.md; GEMV version 4): GEMV
+// 11.4 ms vs 11.9 ms at 32 rows, 20.4 vs 12.0 ms at 48.
 constexpr int kW4DenseFromRows = 33;
 
 cudaDataType cuda_type(DType t) {
