@@ -484,6 +484,59 @@ void CudaBackend::greedy(const DeviceTensor& logits, DeviceTensor& out) {
   cuda::greedy(logits.as<float>(), int(rows), int(vocab), out.as<float>(), state_->stream);
 }
 
+void CudaBackend::sample(const DeviceTensor& logits, const std::vector<SampleRow>& rows, DeviceTensor& out) {
+  if (state_->mode != CudaState::Mode::Eager)
+    fail("CUDA sample: not part of a graph step (its penalty lists change size); call it after the step");
+  if (logits.dtype != DType::F32 || out.dtype != DType::F32)
+    fail("CUDA sample: logits and output must be fp32");
+  const int64_t vocab = logits.dim(-1), n = int64_t(rows.size());
+  if (logits.numel() != n * vocab || out.numel() != 2 * n)
+    fail("CUDA sample: ", n, " rows of parameters for logits ", shape_str(logits.shape), " and output ",
+         shape_str(out.shape));
+  if (vocab >= cuda::kMaxSampleVocab)
+    fail("CUDA sample: a vocabulary of ", vocab, " is beyond the kernel's ", cuda::kMaxSampleVocab);
+  if (n == 0) return;
+  // Metadata: cuda::SampleParams per row, then every row's (token, generated) penalty pairs.
+  constexpr size_t kWords = sizeof(cuda::SampleParams) / sizeof(int);
+  std::vector<int> meta(n * kWords);
+  std::vector<int> row_of_token(vocab, -1);  // catches a token listed twice for one row
+  bool any_penalties = false;
+  for (int64_t r = 0; r < n; ++r) {
+    const SamplingParams& sp = rows[r].params;
+    if (!sp.greedy() && !(rows[r].uniform >= 0.0 && rows[r].uniform < 1.0))
+      fail("CUDA sample: row ", r, "'s random draw ", rows[r].uniform, " is outside [0, 1)");
+    cuda::SampleParams q{sp.temperature,
+                         sp.top_k,
+                         sp.top_p,
+                         sp.min_p,
+                         sp.repetition_penalty,
+                         sp.frequency_penalty,
+                         sp.presence_penalty,
+                         int((meta.size() - n * kWords) / 2),
+                         0,
+                         0,
+                         rows[r].uniform};
+    if (sp.penalised()) {
+      for (const PenaltyToken& t : rows[r].penalties) {
+        if (t.token < 0 || t.token >= vocab) continue;  // as the reference: outside the vocabulary, ignored
+        if (row_of_token[t.token] == r)
+          fail("CUDA sample: row ", r, " lists penalty token ", t.token, " twice");
+        row_of_token[t.token] = int(r);
+        meta.push_back(t.token);
+        meta.push_back(t.generated);
+        ++q.penalty_count;
+      }
+    }
+    any_penalties |= q.penalty_count > 0;
+    std::memcpy(meta.data() + r * kWords, &q, sizeof(q));
+  }
+  DeviceTensor keep, work;
+  const int* dev = stage(meta, keep);
+  if (any_penalties) work = alloc(DType::F32, {n, vocab});
+  cuda::sample(logits.as<float>(), int(n), int(vocab), reinterpret_cast<const cuda::SampleParams*>(dev),
+               dev + n * kWords, work.empty() ? nullptr : work.as<float>(), out.as<float>(), state_->stream);
+}
+
 void CudaBackend::rmsnorm(const DeviceTensor& x, const DeviceTensor& weight, float eps, DeviceTensor& out) {
   require_same(x, weight, "rmsnorm");
   require_same(x, out, "rmsnorm");

@@ -30,6 +30,26 @@ void silu_mul(DType dtype, const void* gate_up, int64_t rows, int inter, void* o
 // Per row of fp32 logits [rows, vocab]: out[r] = (argmax as float, its log-softmax); lowest id on ties.
 void greedy(const float* logits, int rows, int vocab, float* out, cudaStream_t stream);
 
+// One row's sampling parameters as the sample kernel reads them (the host packs them into int32 metadata).
+struct SampleParams {
+  float temperature;
+  int top_k;
+  float top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty;
+  int penalty_begin, penalty_count;  // the row's (token, generated) pairs in `penalties`
+  int unused;                        // pads `uniform` to its 8-byte alignment
+  double uniform;
+};
+static_assert(sizeof(SampleParams) == 48);
+// Fixed-point probability mass in the sample kernel bounds the vocabulary.
+constexpr int kMaxSampleVocab = 1 << 23;
+
+// Per row of fp32 logits [rows, vocab]: out[r] = (token as float, its log-softmax) chosen as choose_token
+// (libengine sampler.h) chooses with params[r]. penalties: int32 (token, generated) pairs, distinct tokens
+// per row, within the vocabulary; work: fp32 [rows, vocab] scratch for the penalised logits of rows with
+// penalties (may be null when no row has any).
+void sample(const float* logits, int rows, int vocab, const SampleParams* params, const int* penalties,
+            float* work, float* out, cudaStream_t stream);
+
 // y[r, j] += bias[j].
 void add_bias(DType dtype, void* y, const void* bias, int64_t rows, int cols, cudaStream_t stream);
 

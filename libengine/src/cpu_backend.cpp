@@ -307,4 +307,18 @@ void CpuBackend::greedy(const DeviceTensor& logits, DeviceTensor& out) {
   }
 }
 
+void CpuBackend::sample(const DeviceTensor& logits, const std::vector<SampleRow>& rows, DeviceTensor& out) {
+  require_f32(logits, "sample logits");
+  require_f32(out, "sample output");
+  const int64_t vocab = logits.dim(-1);
+  if (logits.numel() != int64_t(rows.size()) * vocab || out.numel() != 2 * int64_t(rows.size()))
+    fail("sample: ", rows.size(), " rows of parameters for logits ", shape_str(logits.shape), " and output ",
+         shape_str(out.shape));
+  for (size_t r = 0; r < rows.size(); ++r) {
+    const SampledToken t = choose_token({logits.as<float>() + r * vocab, size_t(vocab)}, rows[r]);
+    out.as<float>()[2 * r] = float(t.token);
+    out.as<float>()[2 * r + 1] = t.logprob;
+  }
+}
+
 }  // namespace lmd

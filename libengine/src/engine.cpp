@@ -349,19 +349,35 @@ bool Engine::step() {
   }
   if (in_batch.empty()) return false;
 
-  // On an accelerator, steps whose sequences all sample plainly greedily take the argmax there and bring
-  // back one (token, logprob) per sequence rather than the logits; the CPU keeps the Sampler (the
-  // reference), whose greedy choice and logprob these equal.
-  bool device_greedy = model_.backend().kind() != DeviceKind::CPU;
+  // On an accelerator the token choice runs there, so that one (token, logprob) per sequence comes back
+  // instead of [sequences, vocab] fp32 logits: the argmax when every sequence picks plainly greedily, else
+  // Backend::sample with each sequence's RNG draw and penalty list. Both choose what the Sampler would
+  // (the reference, which the CPU keeps). Reporting alternatives (top_logprobs) needs the logits.
+  bool on_device = model_.backend().kind() != DeviceKind::CPU, plain_greedy = true;
   for (const Sequence* seq : in_batch) {
     const SamplingParams& p = seq->request.gen.sampling;
-    device_greedy &= p.greedy() && p.repetition_penalty == 1.f && p.frequency_penalty == 0.f &&
-                     p.presence_penalty == 0.f && p.top_logprobs == 0;
+    on_device &= p.top_logprobs == 0;
+    plain_greedy &= p.greedy() && !p.penalised();
   }
   std::vector<float> logits;
   std::vector<std::pair<int, float>> chosen;
-  if (device_greedy) {
+  if (on_device && plain_greedy) {
     chosen = model_.forward_greedy(ids, batch, cache_);
+  } else if (on_device) {
+    std::vector<SampleRow> rows(in_batch.size());
+    for (size_t i = 0; i < in_batch.size(); ++i) {
+      Sequence& seq = *in_batch[i];
+      // A sequence still prefilling its prompt picks nothing this step: its row stays a discarded greedy
+      // choice and its RNG is not drawn (the Sampler draws once per token it picks).
+      if (seq.kv_len + batch.seqs[i].num_new < int(seq.tokens.size())) {
+        rows[i].params.temperature = 0.f;
+        continue;
+      }
+      rows[i].params = seq.request.gen.sampling;
+      if (!rows[i].params.greedy()) rows[i].uniform = seq.sampler.draw_uniform();
+      rows[i].penalties = penalty_tokens(rows[i].params, seq.tokens, seq.prompt_end);
+    }
+    chosen = model_.forward_sample(ids, batch, cache_, rows);
   } else {
     logits = model_.forward(ids, batch, cache_);
   }
@@ -376,7 +392,7 @@ bool Engine::step() {
     counters_.prompt_tokens += batch.seqs[i].num_new > 1 ? batch.seqs[i].num_new : 0;
     if (seq.kv_len < int(seq.tokens.size())) continue;  // more prompt to prefill
     SampledToken tok;
-    if (device_greedy) {
+    if (on_device) {
       tok.token = chosen[i].first;
       tok.logprob = chosen[i].second;
     } else {

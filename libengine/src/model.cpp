@@ -132,16 +132,32 @@ std::vector<float> Model::forward(const std::vector<int>& ids, const BatchLayout
   return backend_.download(run_step(ids, batch, cache, all_logits, false)).to_f32();
 }
 
-std::vector<std::pair<int, float>> Model::forward_greedy(const std::vector<int>& ids,
-                                                         const BatchLayout& batch, KvCacheStorage& cache) {
-  const std::vector<float> rows = backend_.download(run_step(ids, batch, cache, false, true)).to_f32();
+namespace {
+
+// (token, logprob) pairs from the fp32 [rows, 2] output of Backend::greedy and Backend::sample.
+std::vector<std::pair<int, float>> token_pairs(const std::vector<float>& rows) {
   std::vector<std::pair<int, float>> out;
   for (size_t i = 0; i + 1 < rows.size(); i += 2) out.emplace_back(int(rows[i]), rows[i + 1]);
   return out;
 }
 
+}  // namespace
+
+std::vector<std::pair<int, float>> Model::forward_greedy(const std::vector<int>& ids,
+                                                         const BatchLayout& batch, KvCacheStorage& cache) {
+  return token_pairs(backend_.download(run_step(ids, batch, cache, false, true)).to_f32());
+}
+
+std::vector<std::pair<int, float>> Model::forward_sample(const std::vector<int>& ids,
+                                                         const BatchLayout& batch, KvCacheStorage& cache,
+                                                         const std::vector<SampleRow>& rows) {
+  if (rows.size() != batch.seqs.size())
+    fail("forward_sample: ", rows.size(), " sampling rows for ", batch.seqs.size(), " sequences");
+  return token_pairs(backend_.download(run_step(ids, batch, cache, false, false, &rows)).to_f32());
+}
+
 DeviceTensor Model::run_step(const std::vector<int>& ids, const BatchLayout& batch, KvCacheStorage& cache,
-                             bool all_logits, bool greedy) {
+                             bool all_logits, bool greedy, const std::vector<SampleRow>* sample) {
   const int64_t T = static_cast<int64_t>(ids.size());
   if (T != batch.num_tokens()) fail("forward: ", T, " token ids for a batch of ", batch.num_tokens());
   Backend& be = backend_;
@@ -222,7 +238,12 @@ DeviceTensor Model::run_step(const std::vector<int>& ids, const BatchLayout& bat
   }
   if (graph.active) {
     graph.active = false;
-    if (!be.end_graph_step(true)) return run_step(ids, batch, cache, all_logits, greedy);
+    if (!be.end_graph_step(true)) return run_step(ids, batch, cache, all_logits, greedy, sample);
+  }
+  if (sample) {
+    DeviceTensor chosen = be.alloc(DType::F32, {int64_t(rows.size()), 2});
+    be.sample(result, *sample, chosen);
+    result = chosen;
   }
   return result;
 }

@@ -76,6 +76,9 @@ class ScriptedBackend final : public Backend {
   }
   void silu_mul(const DeviceTensor& gate_up, DeviceTensor& out) override { inner_.silu_mul(gate_up, out); }
   void greedy(const DeviceTensor& logits, DeviceTensor& out) override { inner_.greedy(logits, out); }
+  void sample(const DeviceTensor& logits, const std::vector<SampleRow>& rows, DeviceTensor& out) override {
+    inner_.sample(logits, rows, out);
+  }
   void gather_rows(const DeviceTensor& x, const std::vector<int>& rows, DeviceTensor& out) override {
     inner_.gather_rows(x, rows, out);
   }

@@ -11,6 +11,7 @@
 #include "lmd/core/dtype.h"
 #include "lmd/core/tensor.h"
 #include "lmd/engine/rope.h"
+#include "lmd/engine/sampler.h"
 
 namespace lmd {
 
@@ -125,6 +126,12 @@ class Backend {
   // under the row's softmax); the lowest id wins a tie (as std::max_element). The token is stored as a
   // float, exact for vocabularies below 2^24.
   virtual void greedy(const DeviceTensor& logits, DeviceTensor& out) = 0;
+  // The sampler's choice per row of fp32 logits [rows, vocab]: row r is chosen as choose_token(logits[r],
+  // rows[r]) does (sampler.h: penalties, temperature, top-k, top-p, min-p, the draw `rows[r].uniform`), so
+  // every backend picks the same ids from the same logits. out fp32 [rows, 2] = (token, its log-probability
+  // under the row's unpenalised softmax), the token stored as in greedy(). Not part of a graph step (the
+  // penalty lists change size every step): call it after end_graph_step.
+  virtual void sample(const DeviceTensor& logits, const std::vector<SampleRow>& rows, DeviceTensor& out) = 0;
 
   // CUDA graphs for decode steps (a plan/run split). Model::forward brackets a step in which every
   // sequence adds one token with begin_graph_step / end_graph_step. A backend that returns true records

@@ -36,6 +36,7 @@ class CpuBackend final : public Backend {
   void silu_mul(const DeviceTensor& gate_up, DeviceTensor& out) override;
   void gather_rows(const DeviceTensor& x, const std::vector<int>& rows, DeviceTensor& out) override;
   void greedy(const DeviceTensor& logits, DeviceTensor& out) override;
+  void sample(const DeviceTensor& logits, const std::vector<SampleRow>& rows, DeviceTensor& out) override;
 
  private:
   ThreadPool pool_;

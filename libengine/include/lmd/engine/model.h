@@ -51,12 +51,18 @@ class Model {
   // so only (token, log-probability) per sequence comes back instead of [sequences, vocab] logits.
   std::vector<std::pair<int, float>> forward_greedy(const std::vector<int>& ids, const BatchLayout& batch,
                                                     KvCacheStorage& cache);
+  // forward() for a step whose sequences choose their next token as `rows` say (one per sequence): the
+  // backend samples (Backend::sample), so only (token, log-probability) per sequence comes back.
+  std::vector<std::pair<int, float>> forward_sample(const std::vector<int>& ids, const BatchLayout& batch,
+                                                    KvCacheStorage& cache,
+                                                    const std::vector<SampleRow>& rows);
 
  private:
-  // The ops of one step; returns the logits, or the greedy (token, logprob) rows when `greedy`. Decode
-  // steps (one new token per sequence) run as the backend's graphs when it has them.
+  // The ops of one step; returns the logits, or the (token, logprob) rows chosen greedily when `greedy`
+  // or by Backend::sample when `sample` is set. Decode steps (one new token per sequence) run as the
+  // backend's graphs when it has them; sampling runs after the graph.
   DeviceTensor run_step(const std::vector<int>& ids, const BatchLayout& batch, KvCacheStorage& cache,
-                        bool all_logits, bool greedy);
+                        bool all_logits, bool greedy, const std::vector<SampleRow>* sample = nullptr);
 
   ModelSpec spec_;
   Backend& backend_;
