@@ -112,7 +112,6 @@ TEST_CASE("cuda: the small-batch dense GEMV matches the CPU and cuBLAS", "[gpu]"
           }
           CHECK(test::rel_error(by_path[1], by_path[0]) < tolerance(dt));
         }
-  gpu.set_dense_gemv_max_rows(4);
   worst.report();
 }
 

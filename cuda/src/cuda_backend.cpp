@@ -117,7 +117,7 @@ struct CudaState {
   // counters (kept zero between launches), and the dense weight of the larger-batch path. Each only
   // grows; all use is ordered on the one stream.
   int w4_dense_from = kW4DenseFromRows;
-  int dense_gemv_max_rows = cuda::kDenseGemvMaxRows;
+  int dense_gemv_max_rows = cuda::kDenseGemvDefaultRows;
   DeviceTensor w4_partials, w4_counters, w4_dense;
 
   // Decode-step graphs (begin_graph_step), one per (sequences, block-table stride). The first step of a

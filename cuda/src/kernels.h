@@ -13,8 +13,10 @@ namespace lmd::cuda {
 void gather_rows(const void* src, const int* rows, int n, int64_t row_bytes, void* out, cudaStream_t stream);
 
 // out[rows, N] = x[rows, K] w[N, K]^T for 16-bit x and w, in the input dtype or fp32 (the logits): the
-// small-batch path of dense linears (dense_gemv.cu), used up to kDenseGemvMaxRows rows.
-inline constexpr int kDenseGemvMaxRows = 4;
+// small-batch path of dense linears (dense_gemv.cu) for up to kDenseGemvMaxRows rows. By default it
+// runs one row: at 2-4 rows cuBLAS was faster on an H100 (5.15 vs 5.36 ms over a Llama-2-7B layer set at
+// 2 rows, lmd_bench_w4a16).
+inline constexpr int kDenseGemvMaxRows = 4, kDenseGemvDefaultRows = 1;
 bool dense_gemv_supported(DType dtype, DType out_dtype, int rows, int K);
 void dense_gemv(DType dtype, DType out_dtype, const void* x, const void* w, int rows, int K, int N, void* out,
                 cudaStream_t stream);

@@ -64,8 +64,8 @@ class CudaBackend final : public Backend {
   // tensor-core GEMV (at most 64 rows). The default is the measured crossover; tests and benchmarks
   // force each path with this.
   void set_w4a16_dense_from(int rows);
-  // 16-bit dense linears of at most `rows` rows (capped at cuda::kDenseGemvMaxRows) run the warp-per-output
-  // GEMV, larger ones cuBLAS; 0 forces cuBLAS everywhere (tests and benchmarks compare the two).
+  // 16-bit dense linears of at most `rows` rows (default 1, capped at 4) run the warp-per-output GEMV,
+  // larger ones cuBLAS; 0 forces cuBLAS everywhere (tests and benchmarks compare the two).
   void set_dense_gemv_max_rows(int rows);
   int dense_gemv_max_rows() const;
   // Decode-step graphs so far: shapes captured, steps replayed, shapes that fell back to eager steps.
