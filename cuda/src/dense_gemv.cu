@@ -91,8 +91,7 @@ void dense_gemv(DType dtype, DType out_dtype, const void* x, const void* w, int 
     using T = decltype(tag);
     using TOut = decltype(out_tag);
     auto launch = [&](auto kernel) {
-      kernel<<<blocks, kWarps * 32, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w), K, N,
-                                                 static_cast<TOut*>(out));
+      launch_chained(Chain::OnRequest, kernel, blocks, kWarps * 32, 0, stream, x, w, K, N, out);
     };
     switch (rows) {
       case 1:

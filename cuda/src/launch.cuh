@@ -30,26 +30,34 @@ __device__ __forceinline__ void chain_release() {
 #endif
 }
 
-// Whether launch_chained chains: opt-in with LMD_CHAINED_LAUNCH=1, on compute capability 9.0 and later.
-// Measured on an H100 (docs/benchmarks.md), chaining made the Llama-2-7B decode graph 3% slower (5.37 ->
-// 5.54 ms), so it stays off by default until that is understood; the kernels keep the wait/release
-// points, which are no-ops in a plain launch.
-inline bool chained_launch_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("LMD_CHAINED_LAUNCH");
-    if (env == nullptr || std::string_view(env) != "1") return false;
+// Whether the device runs programmatic dependent launches (compute capability 9.0 and later).
+inline bool chained_launch_supported() {
+  static const bool supported = [] {
     int device = 0, major = 0;
     LMD_CUDA_CHECK(cudaGetDevice(&device));
     LMD_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     return major >= 9;
   }();
-  return enabled;
+  return supported;
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when enabled.
+// Which launches chain. Measured on an H100 (docs/benchmarks.md), chaining every decode-step kernel made
+// the fp16 Llama-2-7B decode graph 2% slower (5.44 -> 5.55 ms) and the W4A16 one 14% faster (3.53 -> 3.02
+// ms): the int4 GEMV fetches its weights and meta before it waits, and its kernels are short. So by
+// default only the W4A16 GEMV chains; LMD_CHAINED_LAUNCH=1 chains every kernel that supports it.
+enum class Chain { Always, OnRequest };
+inline bool chained(Chain when) {
+  static const bool requested = [] {
+    const char* env = std::getenv("LMD_CHAINED_LAUNCH");
+    return env != nullptr && std::string_view(env) == "1";
+  }();
+  return chained_launch_supported() && (when == Chain::Always || requested);
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when chained(when).
 template <class... Params, class... Args>
-void launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                    Args&&... args) {
+void launch_chained(Chain when, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                    cudaStream_t stream, Args&&... args) {
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
@@ -59,7 +67,7 @@ void launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t sme
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = &attr;
-  config.numAttrs = chained_launch_enabled() ? 1 : 0;
+  config.numAttrs = chained(when) ? 1 : 0;
   LMD_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(std::forward<Args>(args))...));
 }
 

@@ -54,7 +54,6 @@ int grid_for(int64_t total, int threads) {
 
 constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0 in both halves
 
-
 // c[16 outputs x 8 rows] += a[16 x 16] b[16 x 8], fp16 inputs, fp32 accumulators.
 __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -358,9 +357,9 @@ void w4a16_gemv(DType dtype, const void* x, int K, int group, const int32_t* qwe
         return true;
       }();
       (void)opted_in;
-      launch_chained(kernel, grid, kWarps * 32, plan.smem_bytes, stream, x, plan.M, K, plan.N, group,
-                     reinterpret_cast<const uint4*>(qweight), meta, plan.tiles_per_split, partials, counters,
-                     out);
+      launch_chained(Chain::Always, kernel, grid, kWarps * 32, plan.smem_bytes, stream, x, plan.M, K, plan.N,
+                     group, reinterpret_cast<const uint4*>(qweight), meta, plan.tiles_per_split, partials,
+                     counters, out);
     };
     switch (row_tiles(plan.M)) {
       case 1:
