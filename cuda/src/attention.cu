@@ -19,6 +19,7 @@
 #include "cuda_check.h"
 #include "kv_cache.cuh"
 #include "launch.cuh"
+#include "mma.cuh"
 
 namespace lmd::cuda {
 namespace {
@@ -418,40 +419,6 @@ __global__ void __launch_bounds__(kWarps * 32)
 // warp every fragment feeds two, and the times fell to 0.265 ms (130 TFLOP/s) and 0.171 ms; 8192 tokens
 // went from 141 to 203 TFLOP/s. At head_dim 128 the two tiles' accumulators leave no room for Q in
 // registers (255 registers, a few spilled), so Q fragments are re-read from shared memory per tile.
-template <class T>
-struct Mma;
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-  // c += a b for one 16x8x16 tile.
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <>
-struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
 // 16 bytes global -> shared, bypassing L1; `bytes` 0 writes zeros without reading `src`.
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int bytes) {

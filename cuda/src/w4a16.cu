@@ -6,6 +6,7 @@
 #include "cuda_check.h"
 #include "device_types.cuh"
 #include "launch.cuh"
+#include "mma.cuh"
 #include "w4a16.h"
 
 namespace lmd::cuda {
@@ -53,15 +54,6 @@ int grid_for(int64_t total, int threads) {
 }
 
 constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0 in both halves
-
-// c[16 outputs x 8 rows] += a[16 x 16] b[16 x 8], fp16 inputs, fp32 accumulators.
-__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Four 8x8 fp16 matrices from shared memory; lane L gives the address of row L % 8 of matrix L / 8.
 __device__ __forceinline__ void ldmatrix_x4(const __half* p, uint32_t (&r)[4]) {
@@ -238,7 +230,7 @@ __global__ void __launch_bounds__(kWarps * 32, blocks_per_sm(MT))
             const uint32_t a[4] = {(v & 0x000f000fu) | kMagic, (v & 0x00f000f0u) | kMagic,
                                    (v8 & 0x000f000fu) | kMagic, (v8 & 0x00f000f0u) | kMagic};
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) mma(gacc[mt], a, b[mt][2 * h], b[mt][2 * h + 1]);
+            for (int mt = 0; mt < MT; ++mt) Mma<__half>::run(gacc[mt], a, b[mt][2 * h], b[mt][2 * h + 1]);
             const int k_next = kt * 64 + (2 * s2 + h + 1) * 16;
             if ((k_next & (group - 1)) == 0 || k_next == k_end) fold(k_next - 1);
           }
