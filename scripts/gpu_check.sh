@@ -14,6 +14,8 @@
 #   LMD_GPU_AWQ     1: `lmd lite auto_awq` of a random InternLM2-1.8B on 128 x 2048 ptb tokens (issue #5:
 #                   under 3 minutes), then `lmd bench generation` on its output [0]
 #   LMD_GPU_AWQ_SEARCH  1: the same quantization again with --search-scale True [0]
+#   LMD_GPU_PROFILE 1: Nsight Compute over one batch-1 decode step (fp16 and W4A16): per-kernel times, and
+#                   the memory and warp-state sections of the GEMV kernels [0]
 # Test models and tokenizers are read from $LMD_TEST_ASSETS, else ./assets when present, else ../shared.
 # Logs go to $OUT when set (the device tool's output folder), else /tmp/lmd-gpu-out.
 set -uo pipefail
@@ -65,6 +67,26 @@ for bench in ${LMD_GPU_BENCH-decode decode-w4a16 w4a16}; do
   cat "$LOGS/bench-$bench.log"
   bench_rc=$((bench_rc | rc))
 done
+if [[ "${LMD_GPU_PROFILE:-0}" == 1 ]]; then
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  for variant in fp16 w4a16; do
+    flag=$([[ $variant == w4a16 ]] && echo --w4a16)
+    timeout 300 "$NCU" --clock-control none --profile-from-start off --csv \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum "$BUILD/cuda/lmd_cuda_bench" $flag --profile \
+      >"$LOGS/ncu-step-$variant.csv" 2>"$LOGS/ncu-step-$variant.err"
+    echo "== one decode step under ncu, $variant (exit code $?)"
+    python3 "$ROOT/scripts/ncu_summary.py" "$LOGS/ncu-step-$variant.csv" || tail -5 "$LOGS/ncu-step-$variant.err"
+    # The first layer's four linears (qkv, o, gate_up, down) in detail.
+    timeout 300 "$NCU" --clock-control none --profile-from-start off -k regex:gemv --launch-count 4 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section SchedulerStats \
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+      "$BUILD/cuda/lmd_cuda_bench" $flag --profile \
+      >"$LOGS/ncu-gemv-$variant.log" 2>&1
+  done
+  cuobjdump --dump-sass "$BUILD/cuda/CMakeFiles/lmd_cuda.dir/src/w4a16.cu.o" >"$LOGS/w4a16.sass" 2>&1
+fi
+
 # Device-to-device copy rate (read + write) for the "% peak" column of lmd bench generation.
 PEAK=$(grep -h -m1 "device-to-device copy" "$LOGS"/bench-*.log 2>/dev/null | grep -oE "[0-9]+ GB/s" | grep -oE "[0-9]+" | head -1)
 

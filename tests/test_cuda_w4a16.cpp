@@ -35,7 +35,7 @@ TEST_CASE("cuda w4a16: int4 linears match the CPU dequant reference", "[gpu][w4a
       const DeviceLinear cl = cpu.prepare_linear(w, DType::F32);
       const DeviceLinear g16 = gpu.prepare_linear(w, DType::F16), g_bf = gpu.prepare_linear(w, DType::BF16);
       REQUIRE(g16.is_int4());
-      for (int64_t m : {1, 2, 7, 16, 33, 64, 256}) {
+      for (int64_t m : {1, 2, 7, 16, 24, 33, 64, 256}) {
         const auto x = random_values(rng, m * sh.in);
         for (DType dt : {DType::F16, DType::BF16}) {
           const auto xr = rounded(x, dt);

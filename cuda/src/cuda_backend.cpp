@@ -82,9 +82,9 @@ void require_same(const DeviceTensor& a, const DeviceTensor& b, const char* op) 
 }
 
 // int4 linears of at least this many rows dequantize + cuBLAS, fewer run the tensor-core GEMV. Measured
-// on an H100 over a Llama-2-7B layer set (lmd_bench_w4a16, docs/benchmarks.md; GEMV version 4): GEMV
-// 11.4 ms vs 11.9 ms at 32 rows, 20.4 vs 12.0 ms at 48.
-constexpr int kW4DenseFromRows = 33;
+// on an H100 over a Llama-2-7B layer set (lmd_bench_w4a16, docs/benchmarks.md; GEMV version 5): the GEMV
+// is faster at every row count it takes (7.8 vs 14.2 ms at 64 rows).
+constexpr int kW4DenseFromRows = cuda::kW4GemvMaxRows + 1;
 
 cudaDataType cuda_type(DType t) {
   switch (t) {
@@ -113,12 +113,11 @@ struct CudaState {
     DeviceTensor dev;
   };
   Meta meta[2];  // 0: rope_kv_write, 1: attention
-  // W4A16 linears: rows from which they run as dequantize + cuBLAS, the GEMV's split-K partials and
-  // counters (kept zero between launches), and the dense weight of the larger-batch path. Each only
-  // grows; all use is ordered on the one stream.
+  // W4A16 linears: rows from which they run as dequantize + cuBLAS, and the dense weight of the
+  // larger-batch path (only grows; all use is ordered on the one stream).
   int w4_dense_from = kW4DenseFromRows;
   int dense_gemv_max_rows = cuda::kDenseGemvDefaultRows;
-  DeviceTensor w4_partials, w4_counters, w4_dense;
+  DeviceTensor w4_dense;
 
   // Decode-step graphs (begin_graph_step), one per (sequences, block-table stride). The first step of a
   // shape runs eagerly and records the sizes of its allocations and metadata uploads; the second is
@@ -206,8 +205,6 @@ CudaBackend::~CudaBackend() {
   cudaStreamSynchronize(state_->stream);
   state_->meta[0] = {};
   state_->meta[1] = {};
-  state_->w4_partials = {};
-  state_->w4_counters = {};
   state_->w4_dense = {};
   for (auto& [key, g] : state_->graphs)
     if (g.exec) cudaGraphExecDestroy(g.exec);
@@ -303,7 +300,7 @@ DeviceLinear CudaBackend::prepare_linear(const LinearWeight& w, DType compute) {
     out.scales = alloc(DType::F16, {K / group, 2 * int64_t(N)});  // the (1024 + zero, scale) meta
     cuda::w4a16_relayout(qweight.as<int32_t>(), qzeros.as<int32_t>(), scales.data, K, N, group,
                          out.qweight.as<int32_t>(), out.scales.data, state_->stream);
-    reserve_w4a16_workspace(K, N, group, compute);
+    reserve_w4a16_workspace(K, N, compute);
   } else if (w.is_awq()) {
     // Shapes the tiles do not cover (never a Llama-family linear) run as dense GEMMs.
     out.weight = upload(dequantize_awq(w.qweight, w.qzeros, w.scales), compute);
@@ -565,25 +562,13 @@ void CudaBackend::gemm(const DeviceTensor& x, const void* weight, int64_t in, in
                                 cuda_type(out.dtype), int(outf), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-void CudaBackend::reserve_w4a16_workspace(int64_t in, int64_t outf, int group, DType compute) {
-  // Sized at load for the largest int4 linear and any row count, so that linear() never allocates:
-  // a decode-step graph captures these pointers and replays them later.
+void CudaBackend::reserve_w4a16_workspace(int64_t in, int64_t outf, DType compute) {
+  // Sized at load for the largest int4 linear, so that linear() never allocates: a decode-step graph
+  // captures these pointers and replays them later. Raw bytes: linears prepared for different activation
+  // dtypes (tests do) share the one buffer.
   CudaState& st = *state_;
-  int64_t partial_floats = 0;
-  for (int rows = 1; rows <= cuda::kW4GemvMaxRows; ++rows)
-    partial_floats =
-        std::max(partial_floats, cuda::w4a16_plan(rows, int(in), int(outf), group, st.sms).partial_floats());
-  const int blocks_n = cuda::w4a16_plan(1, int(in), int(outf), group, st.sms).blocks_n;
-  auto grow = [&](DeviceTensor& t, DType dtype, int64_t n) {
-    if (t.numel() >= n) return false;
-    t = pool_alloc(dtype, {n});
-    return true;
-  };
-  grow(st.w4_partials, DType::F32, partial_floats);
-  if (grow(st.w4_counters, DType::I32, blocks_n))
-    LMD_CUDA_CHECK(cudaMemsetAsync(st.w4_counters.data, 0, st.w4_counters.nbytes(), st.stream));
-  // Raw bytes: linears prepared for different activation dtypes (tests do) share the one buffer.
-  grow(st.w4_dense, DType::U8, in * outf * int64_t(dtype_size(compute)));
+  const int64_t n = in * outf * int64_t(dtype_size(compute));
+  if (st.w4_dense.numel() < n) st.w4_dense = pool_alloc(DType::U8, {n});
 }
 
 void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTensor& out) {
@@ -603,11 +588,9 @@ void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTen
     else
       gemm(x, w.weight.data, in, outf, tokens, out);
   } else if (tokens < st.w4_dense_from && tokens <= cuda::kW4GemvMaxRows) {
-    const cuda::W4Plan plan = cuda::w4a16_plan(int(tokens), int(in), int(outf), w.group_size, st.sms);
-    if (st.w4_partials.numel() < plan.partial_floats() || st.w4_counters.numel() < plan.blocks_n)
-      fail("CUDA linear: the int4 workspace was not reserved for a ", in, "x", outf, " linear");
+    const cuda::W4Plan plan = cuda::w4a16_plan(int(tokens), int(in), int(outf));
     cuda::w4a16_gemv(x.dtype, x.data, int(in), w.group_size, w.qweight.as<int32_t>(), w.scales.data, plan,
-                     st.w4_partials.as<float>(), st.w4_counters.as<int>(), out.data, st.stream);
+                     out.data, st.stream);
   } else {
     if (st.w4_dense.nbytes() < size_t(in * outf) * dtype_size(x.dtype))
       fail("CUDA linear: the int4 dequantization workspace was not reserved for ", dtype_name(x.dtype), " ",

@@ -1,7 +1,6 @@
 // W4A16 kernels (layout in w4a16.h): the AWQ -> tiled re-layout done once at load, the tensor-core GEMV
 // for small batches, and the dequantization to a dense weight for cuBLAS at larger batches.
 #include <algorithm>
-#include <type_traits>
 
 #include "cuda_check.h"
 #include "device_types.cuh"
@@ -27,7 +26,7 @@ __global__ void relayout_kernel(const int32_t* awq, int K, int N, int32_t* tiled
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int n = nt * 16 + g + 8 * (i & 1);
-      const int k = kt * 64 + 16 * s + 2 * t + 8 * ((i >> 1) & 1) + (i >> 2);
+      const int k = kt * 64 + 16 * t + 4 * s + 2 * ((i >> 1) & 1) + (i >> 2);
       const uint32_t word = uint32_t(awq[int64_t(k) * (N / 8) + n / 8]);
       v |= ((word >> (4 * awq_nibble(n % 8))) & 0xFu) << (4 * i);
     }
@@ -44,7 +43,7 @@ __global__ void meta_kernel(const int32_t* qzeros, const __half* scales, int gro
     const uint32_t word = uint32_t(qzeros[grp * (N / 8) + n / 8]);
     const int zero = int((word >> (4 * awq_nibble(n % 8))) & 0xFu);
     __half* dst = meta + ((grp * (N / 16) + nt) * 8 + r % 8) * 4 + r / 8;
-    dst[0] = __int2half_rn(1024 + zero);
+    dst[0] = __int2half_rn(1024 + (r < 8 ? 1 : 16) * zero);
     dst[2] = scales[idx];
   }
 }
@@ -55,253 +54,220 @@ int grid_for(int64_t total, int threads) {
 
 constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0 in both halves
 
-// Four 8x8 fp16 matrices from shared memory; lane L gives the address of row L % 8 of matrix L / 8.
-__device__ __forceinline__ void ldmatrix_x4(const __half* p, uint32_t (&r)[4]) {
-  const uint32_t addr = uint32_t(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
 __device__ __forceinline__ uint32_t component(const uint4& w, int s) {
   return s == 0 ? w.x : s == 1 ? w.y : s == 2 ? w.z : w.w;
 }
+__device__ __forceinline__ __half2 as_half2(uint32_t v) { return *reinterpret_cast<const __half2*>(&v); }
+__device__ __forceinline__ uint32_t as_u32(__half2 v) { return *reinterpret_cast<const uint32_t*>(&v); }
 
-// Eight activations as fp16 (the tensor cores' input type for every activation dtype).
-__device__ __forceinline__ uint4 to_half8(const __half (&v)[8]) { return *reinterpret_cast<const uint4*>(v); }
+// Sixteen consecutive activations as fp16 (the tensor cores' input type for every activation dtype).
+__device__ __forceinline__ void load_half16(const __half* src, uint32_t (&out)[8]) {
+  const uint4 a = __ldg(reinterpret_cast<const uint4*>(src)),
+              b = __ldg(reinterpret_cast<const uint4*>(src) + 1);
+  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z,
+  out[7] = b.w;
+}
 template <class T>
-__device__ __forceinline__ uint4 to_half8(const T (&v)[8]) {
-  alignas(16) __half h[8];
+__device__ __forceinline__ void load_half16(const T* src, uint32_t (&out)[8]) {
+  alignas(16) T v[16];
 #pragma unroll
-  for (int i = 0; i < 8; ++i) h[i] = __float2half_rn(to_f32(v[i]));
-  return *reinterpret_cast<const uint4*>(h);
+  for (int q = 0; q < int(sizeof(v)) / 16; ++q)
+    reinterpret_cast<uint4*>(v)[q] = __ldg(reinterpret_cast<const uint4*>(src) + q);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = as_u32(__floats2half2_rn(to_f32(v[2 * i]), to_f32(v[2 * i + 1])));
 }
 
-// Version 4. Version 1 (4 warps x 32 outputs per block, activations re-read from global memory inside
-// the tile loop, one 1 KiB tile per warp in flight) read 1.3 TB/s on an H200. Version 2 staged the
-// activations in 256-input chunks with a block barrier per chunk (0.9 TB/s on an H100: at most two chunks
-// in flight per warp, and 1.1-1.3 waves). Version 3 staged a block's whole input range once and kept 8
-// tiles per warp in flight in registers with no barrier, in one wave: 1.2 TB/s. It spent ~100
-// instructions per 512-byte tile on each warp, half of them the dequantization (shift, mask, subtract the
-// zero, multiply by the scale for every pair of weights), with 16 warps per SM to hide the latency.
-// Now the tensor cores take the magic-number values as they come out of the mask (1024 + q for the low
-// nibble of a byte, 1024 + 16 q for the high one, both exact in fp16) and the zero point and scale are
-// applied once per group and output: sum_k x_k (q_k - z) s = s (sum_k x_k (1024 + q_k) - (1024 + z)
-// sum_k x_k), with sum_k x_k per row and group computed while x is staged. The products are exact in the
-// fp32 accumulators; the 1024 offset costs 10 of their 24 bits (~1e-4 relative). A pair of weights costs
-// one LOP3 (plus one shift per 8 weights), the meta sits in shared memory, and the register ring holds
-// 16 tiles (8 KiB per warp) in flight.
-constexpr int kWarps = 8;                      // warps per block, one 16-output strip each
-constexpr int kOutputsPerBlock = 16 * kWarps;  // 128
-constexpr int kZeroHalves = 8;                 // one 16-byte zero row for ldmatrix lanes of rows >= M
+// Version 5. Versions 1-4 (docs/benchmarks.md) gave each block 128 outputs and a long input range,
+// staged the activations in shared memory and planned one wave of such blocks; they read 1.2-1.4 TB/s.
+// Nsight Compute on version 4 (H100): 121 registers per thread, so 16 resident warps per SM, 11.6 achieved,
+// 0.5 eligible per scheduler, and one wave of 192 blocks on 132 SMs, so 60 of them held twice the
+// work of the rest. Version 5 is shaped like the dense GEMV that reads 88% of the copy bandwidth: many
+// small blocks that the hardware schedules as SMs free up, no shared-memory staging and no barrier before
+// the math, and few registers. A block owns one 16-output strip and splits its input range over its warps
+// (at most 8 tiles of 512 bytes each, all requested at once); the warps' partial sums meet in shared
+// memory in warp order, so results do not depend on timing. Each lane reads its activations straight
+// from L1: the re-layout puts the 16 inputs a lane multiplies in one tile next to each other (32 bytes).
+// Dequantization: ((v >> 4j) & 0x000f000f) | 0x64006400 is (1024 + q, 1024 + q') in fp16, exactly;
+// subtracting 1024 + zero is exact too, and one multiply by the scale rounds once, as the dense path does.
+constexpr int kTilesPerRound = 6;  // 16-byte weight loads per lane in flight (a ring of registers)
+constexpr int kTilesPerWarp = 8;   // one round where the strip has enough of them for the warps
+// Warps per block, at most: 8 at one row tile, where the kernel is held to 85 registers so that three
+// blocks (24 warps) fit on an SM (at 98 registers, two did: 15 warps and more time stalled on loads);
+// 16 at two row tiles, 8 beyond (more accumulators per warp).
+__host__ __device__ constexpr int max_warps(int mt) { return mt == 2 ? 16 : 8; }
+__host__ __device__ constexpr int min_blocks(int mt) { return mt == 1 ? 3 : 1; }
 
-__host__ __device__ constexpr int ring_tiles(int mt) { return mt == 1 ? 16 : mt == 2 ? 8 : 4; }
-__host__ __device__ constexpr int blocks_per_sm(int mt) { return mt <= 2 ? 2 : 1; }
-constexpr int smem_budget(int mt) { return mt <= 2 ? 110 * 1024 : 200 * 1024; }
-
-// Shared memory of a block: x [M][tiles * 64 + 8] fp16 (rows padded by 16 bytes so the 8 rows of an
-// ldmatrix fall in different banks), the zero row, sum x [M][groups] fp32, meta [groups][8 strips][8][4].
-struct SmemLayout {
-  int stride, groups, xsum_off, meta_off, bytes;  // offsets and size in bytes
-  __host__ __device__ SmemLayout(int M, int tiles, int group) {
-    stride = tiles * 64 + 8;
-    groups = (tiles * 64 + group - 1) / group + 1;  // a range may start and end mid-group
-    xsum_off = (M * stride + kZeroHalves) * 2;
-    meta_off = (xsum_off + M * groups * 4 + 15) / 16 * 16;
-    bytes = meta_off + groups * kWarps * 8 * 4 * 2;
+// x row mt * 8 + g of the 16 inputs this lane multiplies in tile kt (zero for rows >= M).
+template <class T>
+__device__ __forceinline__ void load_x(const T* x, int M, int K, int row, int k, uint32_t (&b)[8]) {
+  if (row < M) {
+    load_half16(x + int64_t(row) * K + k, b);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) b[i] = 0;
   }
-};
+}
 
-// Grid (ceil(N / 128), splits). Block (bn, split) computes outputs [128 bn, 128 bn + 128) over the input
-// tiles [split * tiles_per_split, +tiles_per_split) for all M <= 8 * MT rows. With splits > 1 each block
-// writes fp32 partials and the last block of a column range to arrive (a counter per range) sums them in
-// split order, so results do not depend on arrival order. group is a power of two >= 32.
+// Grid N / 16 blocks of `warps` warps. Block nt computes outputs [16 nt, 16 nt + 16) for all M <= 8 MT
+// rows; warp w covers input tiles [w * tiles_per_warp, +tiles_per_warp).
 template <class T, int MT>
-__global__ void __launch_bounds__(kWarps * 32, blocks_per_sm(MT))
-    gemv_kernel(const T* __restrict__ x, int M, int K, int N, int group, const uint4* __restrict__ qweight,
-                const __half* __restrict__ meta, int tiles_per_split, float* partials, int* counters,
-                T* out) {
-  constexpr int D = ring_tiles(MT);
-  extern __shared__ __align__(16) unsigned char smem[];
+__global__ void __launch_bounds__(max_warps(MT) * 32, min_blocks(MT))
+    gemv_kernel(const T* __restrict__ x, int M, int K, int N, int group_shift,
+                const uint4* __restrict__ qweight, const uint2* __restrict__ meta, int tiles_per_warp,
+                T* __restrict__ out) {
+  extern __shared__ float partial[];  // [warps][MT][4 values][32 lanes]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int NT = N / 16, KT = K / 64;
-  const int nt = blockIdx.x * kWarps + warp;
-  const bool has_strip = nt < NT;  // the last block of a width that is not a multiple of 128 idles some
-  const int split = blockIdx.y, splits = gridDim.y;
-  const int kt_begin = split * tiles_per_split, kt_end = min(KT, kt_begin + tiles_per_split);
-  const int gshift = __ffs(group) - 1;
-  const int k_begin = kt_begin * 64, k_end = kt_end * 64, first_group = k_begin >> gshift;
-  const SmemLayout L(M, tiles_per_split, group);
-  __half* xs = reinterpret_cast<__half*>(smem);
-  float* xsum = reinterpret_cast<float*>(smem + L.xsum_off);
-  __half* meta_s = reinterpret_cast<__half*>(smem + L.meta_off);
-
+  const int warps = blockDim.x / 32, nt = blockIdx.x, NT = N / 16, KT = K / 64;
+  const int kt_begin = warp * tiles_per_warp, kt_end = min(KT, kt_begin + tiles_per_warp);
   chain_release();
-  uint4 w[D];
+
+  // Weights and meta are never written during a step: the first round is requested before waiting for
+  // the kernel that writes x.
+  uint4 w[kTilesPerRound];
+  uint2 m[kTilesPerRound];
+  const uint4* strip = qweight + int64_t(nt) * KT * 32 + lane;
   auto load = [&](int kt, int d) {
-    if (has_strip && kt < kt_end) w[d] = __ldcs(qweight + (int64_t(nt) * KT + kt) * 32 + lane);
+    if (kt < kt_end) {
+      w[d] = __ldcs(strip + kt * 32);
+      m[d] = __ldg(meta + (int64_t((kt * 64 + 16 * t) >> group_shift) * NT + nt) * 8 + g);
+    }
   };
 #pragma unroll
-  for (int d = 0; d < D; ++d) load(kt_begin + d, d);
-  // The block's zeros and scales: 512 contiguous bytes per group. Weights and meta are never written
-  // during a step, so they are requested before waiting for the kernel that writes x.
-  const int groups = ((k_end - 1) >> gshift) - first_group + 1;
-  for (int i = threadIdx.x; i < groups * 32; i += kWarps * 32) {
-    const int gl = i / 32, part = i % 32, strip = blockIdx.x * kWarps + part / 4;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (strip < NT)
-      v = __ldg(reinterpret_cast<const uint4*>(meta + (int64_t(first_group + gl) * NT + strip) * 32) +
-                part % 4);
-    reinterpret_cast<uint4*>(meta_s)[i] = v;
-  }
-  for (int i = threadIdx.x; i < M * groups; i += kWarps * 32) xsum[i] = 0.f;
+  for (int d = 0; d < kTilesPerRound; ++d) load(kt_begin + d, d);
   chain_wait();
-  __syncthreads();
 
-  // Stage x[0..M)[k_begin, k_end) as fp16 and sum each row's values per group (as fp16, what the tensor
-  // cores see).
-  const int stride = L.stride, vecs_per_row = (k_end - k_begin) / 8;
-  for (int i = threadIdx.x; i < M * vecs_per_row; i += kWarps * 32) {
-    const int row = i / vecs_per_row, v = i % vecs_per_row;
-    const T* src = x + int64_t(row) * K + k_begin + v * 8;
-    alignas(16) T vals[8];
+  // Accumulator value v of lane (g, t): output 16 nt + g + 8 (v >> 1), row mt * 8 + 2t + (v & 1). An mma
+  // waits for the one before it on the same accumulators, so the steps of a tile rotate over kChains sets.
+  constexpr int kChains = MT == 2 ? 2 : 1;
+  constexpr int kEarlyX = MT <= 2 ? MT : 1;  // x fragments loaded before the dequantization
+  float acc[MT][kChains][4] = {};
+  for (int base = kt_begin; base < kt_end; base += kTilesPerRound) {
 #pragma unroll
-    for (int q = 0; q < int(sizeof(T)) / 2; ++q)
-      reinterpret_cast<uint4*>(vals)[q] = __ldg(reinterpret_cast<const uint4*>(src) + q);
-    const uint4 h = to_half8(vals);
-    *reinterpret_cast<uint4*>(xs + row * stride + v * 8) = h;
-    float sum = 0.f;
+    for (int d = 0; d < kTilesPerRound; ++d) {
+      const int kt = base + d;
+      if (kt >= kt_end) break;
+      uint32_t b[kEarlyX][8];
+      if constexpr (MT <= 2)
 #pragma unroll
-    for (int e = 0; e < 8; ++e) sum += __half2float(reinterpret_cast<const __half*>(&h)[e]);
-    atomicAdd(xsum + row * groups + ((k_begin + v * 8) >> gshift) - first_group, sum);
+        for (int mt = 0; mt < MT; ++mt) load_x(x, M, K, mt * 8 + g, kt * 64 + 16 * t, b[mt]);
+      // meta: (1024 + zero, scale) of output g, (1024 + 16 zero, scale) of output g + 8.
+      const __half2 zero_lo = __low2half2(as_half2(m[d].x)), zero_hi = __high2half2(as_half2(m[d].x));
+      const __half2 scale_lo = __low2half2(as_half2(m[d].y)), scale_hi = __high2half2(as_half2(m[d].y));
+      // A fragments of the tile's four 16-input steps. Output g + 8's nibbles are masked in place, so they
+      // come out as 1024 + 16 q and its products 16 times too large (exact; undone after the sums).
+      uint32_t a[4][4];
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const uint32_t v = component(w[d], s), v8 = v >> 8;
+        const uint32_t q[4] = {(v & 0x000f000fu) | kMagic, (v & 0x00f000f0u) | kMagic,
+                               (v8 & 0x000f000fu) | kMagic, (v8 & 0x00f000f0u) | kMagic};
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          a[s][j] = as_u32(
+              __hmul2(__hsub2(as_half2(q[j]), j & 1 ? zero_hi : zero_lo), j & 1 ? scale_hi : scale_lo));
+      }
+      // The slot is free: request the tile kTilesPerRound ahead, so that each warp keeps its loads in
+      // flight while it computes.
+      load(kt + kTilesPerRound, d);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if constexpr (MT > 2) load_x(x, M, K, mt * 8 + g, kt * 64 + 16 * t, b[0]);
+        const uint32_t(&bm)[8] = b[MT <= 2 ? mt : 0];
+#pragma unroll
+        for (int s = 0; s < 4; ++s) Mma<__half>::run(acc[mt][s % kChains], a[s], bm[2 * s], bm[2 * s + 1]);
+      }
+    }
   }
-  if (threadIdx.x == 0) *reinterpret_cast<uint4*>(xs + M * stride) = make_uint4(0, 0, 0, 0);
-  __syncthreads();
-
-  // ldmatrix row addresses of this lane (row lane % 8 of each 8-row tile; rows >= M read the zero row).
-  const __half* xrow[MT];
-  bool row_ok[MT];
+  float sum[MT][4];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int row = mt * 8 + lane % 8;
-    row_ok[mt] = row < M;
-    xrow[mt] = row_ok[mt] ? xs + row * stride + lane / 8 * 8 : xs + M * stride;
-  }
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      sum[mt][v] = acc[mt][0][v];
+#pragma unroll
+      for (int c = 1; c < kChains; ++c) sum[mt][v] += acc[mt][c][v];
+      if (v >= 2) sum[mt][v] *= 1.f / 16;
+    }
 
-  // gacc: this group's sums of x (1024 + q) (outputs g) and x (1024 + 16 q) (outputs g + 8); acc: the
-  // folded outputs. Accumulator value v of lane (g, t) is row mt * 8 + 2t + (v & 1), output
-  // 16 nt + g + 8 (v >> 1).
-  float acc[MT][4] = {}, gacc[MT][4] = {};
-  auto fold = [&](int k) {  // the group holding input k is complete
-    const int gl = (k >> gshift) - first_group;
-    const uint2 m = *reinterpret_cast<const uint2*>(meta_s + ((gl * kWarps + warp) * 8 + g) * 4);
-    const float2 zero = __half22float2(*reinterpret_cast<const __half2*>(&m.x));  // 1024 + z
-    const float2 scale = __half22float2(*reinterpret_cast<const __half2*>(&m.y));
+  if (warps == 1) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int v = 0; v < 4; ++v) {
         const int row = mt * 8 + 2 * t + (v & 1);
-        const float sx = row < M ? xsum[row * groups + gl] : 0.f;
-        if (v < 2)
-          acc[mt][v] = fmaf(scale.x, gacc[mt][v] - zero.x * sx, acc[mt][v]);
-        else  // (1024 + 16 q) / 16 = 64 + q: subtract 64 + z = (1024 + z) - 960
-          acc[mt][v] = fmaf(scale.y, fmaf(gacc[mt][v], 1.f / 16, -(zero.y - 960.f) * sx), acc[mt][v]);
-        gacc[mt][v] = 0.f;
+        if (row < M) out[int64_t(row) * N + nt * 16 + g + 8 * (v >> 1)] = from_f32<T>(sum[mt][v]);
       }
-  };
-
-  if (has_strip) {
-    for (int base = kt_begin; base < kt_end; base += D) {
-#pragma unroll
-      for (int d = 0; d < D; ++d) {
-        const int kt = base + d;
-        if (kt >= kt_end) break;
-        const int col = (kt - kt_begin) * 64;
-#pragma unroll
-        for (int s2 = 0; s2 < 2; ++s2) {  // 16-input steps 2 s2 and 2 s2 + 1: one ldmatrix per 8 rows
-          uint32_t b[MT][4];
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt)  // zero-row lanes stay on their 16 bytes
-            ldmatrix_x4(row_ok[mt] ? xrow[mt] + col + s2 * 32 : xrow[mt], b[mt]);
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint32_t v = component(w[d], 2 * s2 + h), v8 = v >> 8;
-            const uint32_t a[4] = {(v & 0x000f000fu) | kMagic, (v & 0x00f000f0u) | kMagic,
-                                   (v8 & 0x000f000fu) | kMagic, (v8 & 0x00f000f0u) | kMagic};
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) Mma<__half>::run(gacc[mt], a, b[mt][2 * h], b[mt][2 * h + 1]);
-            const int k_next = kt * 64 + (2 * s2 + h + 1) * 16;
-            if ((k_next & (group - 1)) == 0 || k_next == k_end) fold(k_next - 1);
-          }
-        }
-        load(kt + D, d);
-      }
-    }
+    return;
   }
-
-  if (has_strip) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const int row = mt * 8 + 2 * t + (v & 1), col = nt * 16 + g + 8 * (v >> 1);
-        if (row >= M) continue;
-        if (splits == 1)
-          out[int64_t(row) * N + col] = from_f32<T>(acc[mt][v]);
-        else
-          partials[(int64_t(split) * M + row) * N + col] = acc[mt][v];
-      }
-  }
-  if (splits == 1) return;
-
-  __threadfence();
+    for (int v = 0; v < 4; ++v) partial[((warp * MT + mt) * 4 + v) * 32 + lane] = sum[mt][v];
   __syncthreads();
-  __shared__ bool last;
-  if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1) == splits - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int e = threadIdx.x; e < M * kOutputsPerBlock; e += kWarps * 32) {
-    const int row = e / kOutputsPerBlock, col = blockIdx.x * kOutputsPerBlock + e % kOutputsPerBlock;
-    if (col >= N) continue;
-    float sum = 0.f;
-    for (int s = 0; s < splits; ++s) sum += __ldcg(partials + (int64_t(s) * M + row) * N + col);
-    out[int64_t(row) * N + col] = from_f32<T>(sum);
+  for (int e = threadIdx.x; e < MT * 128; e += blockDim.x) {
+    const int mt = e / 128, v = e / 32 % 4, l = e % 32;
+    const int row = mt * 8 + 2 * (l % 4) + (v & 1);
+    if (row >= M) continue;
+    float total = 0.f;
+    for (int i = 0; i < warps; ++i) total += partial[((i * MT + mt) * 4 + v) * 32 + l];
+    out[int64_t(row) * N + nt * 16 + l / 4 + 8 * (v >> 1)] = from_f32<T>(total);
   }
-  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
 
 int row_tiles(int M) { return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8; }
 
-// One thread per (output n, 16 inputs): gathers the four lanes' int32 that hold them and writes 16
-// consecutive weights of row n (coalesced along the row).
+// One thread per (tile, lane): lane (g, t)'s 16-byte word holds inputs 16t..16t+15 of the tile for
+// outputs g and g + 8 (w4a16.h). The same magic-number decode as the GEMV, so both paths round alike:
+// (v >> 8i') & 0x000f000f with i' = 0, 1 gives inputs 4s..4s+1 and 4s+2..4s+3 of output g, and the mask
+// 0x00f000f0 those of output g + 8.
+__device__ __forceinline__ void store16(const uint32_t (&h)[8], __half* dst) {
+  reinterpret_cast<uint4*>(dst)[0] = make_uint4(h[0], h[1], h[2], h[3]);
+  reinterpret_cast<uint4*>(dst)[1] = make_uint4(h[4], h[5], h[6], h[7]);
+}
 template <class T>
-__global__ void dequant_kernel(int K, int N, int group, const uint32_t* qweight, const __half* meta,
-                               T* dense) {
-  const int64_t total = int64_t(N) * (K / 16);
+__device__ __forceinline__ void store16(const uint32_t (&h)[8], T* dst) {
+  alignas(16) T v[16];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float2 f = __half22float2(as_half2(h[i]));
+    v[2 * i] = from_f32<T>(f.x);
+    v[2 * i + 1] = from_f32<T>(f.y);
+  }
+#pragma unroll
+  for (int q = 0; q < int(sizeof(v)) / 16; ++q)
+    reinterpret_cast<uint4*>(dst)[q] = reinterpret_cast<const uint4*>(v)[q];
+}
+
+template <class T>
+__global__ void dequant_kernel(int K, int N, int group, const uint4* qweight, const uint2* meta, T* dense) {
+  const int64_t total = int64_t(N / 16) * (K / 64) * 32;
   const int KT = K / 64;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
-    const int n = int(idx / (K / 16)), ks = int(idx % (K / 16)), kt = ks / 4, s = ks % 4;
-    const int nt = n / 16, g = n % 8, hi = n % 16 / 8;
-    const int64_t grp = (kt * 64 + s * 16) / group;
-    const __half* m = meta + ((grp * (N / 16) + nt) * 8 + g) * 4;
-    const float zero = __half2float(m[hi]) - 1024.f, scale = __half2float(m[2 + hi]);
-    alignas(16) T vals[16];
+    const int lane = int(idx % 32), g = lane / 4, t = lane % 4;
+    const int64_t tile = idx / 32;
+    const int kt = int(tile % KT), nt = int(tile / KT);
+    const int k0 = kt * 64 + 16 * t;
+    const uint2 m = meta[(int64_t(k0 / group) * (N / 16) + nt) * 8 + g];
+    const uint4 word = qweight[idx];
 #pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      const uint32_t v = qweight[((int64_t(nt) * KT + kt) * 32 + 4 * g + t) * 4 + s];
+    for (int hi = 0; hi < 2; ++hi) {
+      const __half2 zero = hi ? __high2half2(as_half2(m.x)) : __low2half2(as_half2(m.x));
+      const __half2 scale = hi ? __high2half2(as_half2(m.y)) : __low2half2(as_half2(m.y));
+      const uint32_t mask =
+          hi ? 0x00f000f0u : 0x000f000fu;  // output g + 8: 16 times too large, as in the GEMV
+      uint32_t h[8];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {  // nibble hi + 2i' (i = 0, 1) and + 4: columns 2t(+8), 2t+1(+8)
-        const int nib = hi + 2 * (i >> 1) + 4 * (i & 1);
-        const int col = 2 * t + 8 * (i >> 1) + (i & 1);
-        vals[col] = from_f32<T>((float((v >> (4 * nib)) & 0xFu) - zero) * scale);
-      }
+      for (int s = 0; s < 4; ++s)
+#pragma unroll
+        for (int pair = 0; pair < 2; ++pair) {
+          const uint32_t v = component(word, s) >> (8 * pair);
+          __half2 r = __hmul2(__hsub2(as_half2((v & mask) | kMagic), zero), scale);
+          if (hi) r = __hmul2(r, __float2half2_rn(1.f / 16));
+          h[2 * s + pair] = as_u32(r);
+        }
+      store16(h, dense + int64_t(nt * 16 + g + 8 * hi) * K + k0);
     }
-    uint4* dst = reinterpret_cast<uint4*>(dense + int64_t(n) * K + ks * 16);
-#pragma unroll
-    for (int i = 0; i < int(sizeof(vals) / 16); ++i) dst[i] = reinterpret_cast<const uint4*>(vals)[i];
   }
 }
 
@@ -316,55 +282,44 @@ void w4a16_relayout(const int32_t* awq_qweight, const int32_t* awq_qzeros, const
   LMD_CUDA_LAUNCHED();
 }
 
-W4Plan w4a16_plan(int M, int K, int N, int group, int sms) {
+W4Plan w4a16_plan(int M, int K, int N) {
   W4Plan p;
   p.M = M;
   p.N = N;
-  p.blocks_n = (N / 16 + kWarps - 1) / kWarps;
   const int KT = K / 64, mt = row_tiles(M);
-  // One wave: as many splits as fill the resident block slots, no more (each split adds partial sums to
-  // write and re-read, and a second, partial wave would run alone at the end).
-  const int slots = blocks_per_sm(mt) * sms;
-  int splits = std::clamp(slots / p.blocks_n, 1, KT);
-  p.tiles_per_split = (KT + splits - 1) / splits;
-  // Then as many more as the staged activations need to fit in shared memory.
-  while (p.tiles_per_split > 1 && SmemLayout(M, p.tiles_per_split, group).bytes > smem_budget(mt))
-    --p.tiles_per_split;
-  p.splits = (KT + p.tiles_per_split - 1) / p.tiles_per_split;
-  p.smem_bytes = SmemLayout(M, p.tiles_per_split, group).bytes;
+  // About kTilesPerWarp tiles per warp, up to max_warps(mt) warps on a strip (beyond that each warp
+  // streams more rounds through its ring); then the range spread evenly over them.
+  p.warps = std::clamp((KT + kTilesPerWarp - 1) / kTilesPerWarp, 1, max_warps(mt));
+  p.tiles_per_warp = (KT + p.warps - 1) / p.warps;
+  p.warps = (KT + p.tiles_per_warp - 1) / p.tiles_per_warp;
+  p.smem_bytes = p.warps > 1 ? p.warps * mt * 128 * int(sizeof(float)) : 0;
   return p;
 }
 
 void w4a16_gemv(DType dtype, const void* x, int K, int group, const int32_t* qweight, const void* meta,
-                const W4Plan& plan, float* partials, int* counters, void* out, cudaStream_t stream) {
+                const W4Plan& plan, void* out, cudaStream_t stream) {
   if (plan.M < 1 || plan.M > kW4GemvMaxRows) fail("W4A16 GEMV: ", plan.M, " rows (1..", kW4GemvMaxRows, ")");
-  const dim3 grid(plan.blocks_n, plan.splits);
+  const int group_shift = __builtin_ctz(unsigned(group));
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto launch = [&](auto kernel, auto mt) {
-      // Above 48 KiB a kernel must opt in to its dynamic shared memory; once per instantiation.
-      static const bool opted_in = [&] {
-        LMD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            smem_budget(decltype(mt)::value)));
-        return true;
-      }();
-      (void)opted_in;
-      launch_chained(Chain::Always, kernel, grid, kWarps * 32, plan.smem_bytes, stream, x, plan.M, K, plan.N,
-                     group, reinterpret_cast<const uint4*>(qweight), meta, plan.tiles_per_split, partials,
-                     counters, out);
+    auto launch = [&](auto kernel) {
+      launch_chained(Chain::Always, kernel, plan.N / 16, plan.warps * 32, plan.smem_bytes, stream,
+                     static_cast<const T*>(x), plan.M, K, plan.N, group_shift,
+                     reinterpret_cast<const uint4*>(qweight), static_cast<const uint2*>(meta),
+                     plan.tiles_per_warp, static_cast<T*>(out));
     };
     switch (row_tiles(plan.M)) {
       case 1:
-        launch(gemv_kernel<T, 1>, std::integral_constant<int, 1>{});
+        launch(gemv_kernel<T, 1>);
         break;
       case 2:
-        launch(gemv_kernel<T, 2>, std::integral_constant<int, 2>{});
+        launch(gemv_kernel<T, 2>);
         break;
       case 4:
-        launch(gemv_kernel<T, 4>, std::integral_constant<int, 4>{});
+        launch(gemv_kernel<T, 4>);
         break;
       default:
-        launch(gemv_kernel<T, 8>, std::integral_constant<int, 8>{});
+        launch(gemv_kernel<T, 8>);
         break;
     }
   });
@@ -375,8 +330,8 @@ void w4a16_dequantize(DType dtype, int K, int N, int group, const int32_t* qweig
                       void* dense, cudaStream_t stream) {
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    dequant_kernel<T><<<grid_for(int64_t(N) * (K / 16), 256), 256, 0, stream>>>(
-        K, N, group, reinterpret_cast<const uint32_t*>(qweight), static_cast<const __half*>(meta),
+    dequant_kernel<T><<<grid_for(int64_t(N / 16) * (K / 64) * 32, 256), 256, 0, stream>>>(
+        K, N, group, reinterpret_cast<const uint4*>(qweight), static_cast<const uint2*>(meta),
         static_cast<T*>(dense));
   });
   LMD_CUDA_LAUNCHED();

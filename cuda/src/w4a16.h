@@ -3,12 +3,12 @@
 //
 // Tiled layout, for a linear of K inputs and N outputs (K % 64 == 0, N % 32 == 0):
 //   qweight int32 [N/16][K/64][32 lanes][4]: tile (nt, kt) covers outputs 16nt..16nt+15 and inputs
-//     64kt..64kt+63. Lane L = 4g + t holds one int32 per 16-input step s (0..3); its nibbles are, in
-//     order 0..7, the weights (n, k) = (g, 2t), (g+8, 2t), (g, 2t+8), (g+8, 2t+8), (g, 2t+1),
-//     (g+8, 2t+1), (g, 2t+9), (g+8, 2t+9), n relative to 16nt and k to 64kt + 16s. Those are the A
-//     fragment of mma.m16n8k16 (rows = outputs), and the magic-number decode below yields the fragment's
-//     four half2 registers directly: ((v >> 4i) & 0x000f000f) | 0x64006400 = (1024 + nib i,
-//     1024 + nib i+4).
+//     64kt..64kt+63. Lane L = 4g + t holds one int32 per 16-input step s (0..3) of mma.m16n8k16; nibble i
+//     (0..7) of it is the weight of output g + 8 (i & 1) and input 16t + 4s + 2 ((i >> 1) & 1) + (i >> 2),
+//     n relative to 16nt and k to 64kt. So ((v >> 4j) & 0x000f000f) | 0x64006400 = (1024 + nib j,
+//     1024 + nib j+4) is, after the zero point and scale, register j of the step's A fragment (rows =
+//     outputs), whose columns 2t, 2t+1, 2t+8, 2t+9 are inputs 16t + 4s + 0..3: a lane multiplies the 16
+//     consecutive inputs 16t..16t+15 of a tile, one 32-byte read of x.
 //   meta fp16 [K/group][N/16][8 rows g][4]: (1024 + zero of output g, 1024 + zero of g + 8, scale of g,
 //     scale of g + 8): the 8 bytes one lane needs per tile and group.
 #pragma once
@@ -29,21 +29,19 @@ inline bool w4a16_supported(int64_t in, int64_t out, int group) {
 void w4a16_relayout(const int32_t* awq_qweight, const int32_t* awq_qzeros, const void* awq_scales, int K,
                     int N, int group, int32_t* qweight, void* meta, cudaStream_t stream);
 
-// Split-K plan of one GEMV launch: `splits` ranges of `tiles_per_split` 64-input tiles; each block owns
-// 128 outputs of one range and stages that range of x (smem_bytes of shared memory).
+// Shape of one GEMV launch: N / 16 blocks (one 16-output strip each) of `warps` warps, each warp
+// `tiles_per_warp` 64-input tiles of the strip; smem_bytes of shared memory for the warps' sums.
 struct W4Plan {
-  int M = 0, N = 0, blocks_n = 0, splits = 1, tiles_per_split = 0, smem_bytes = 0;
-  int64_t partial_floats() const { return splits > 1 ? int64_t(splits) * M * N : 0; }
+  int M = 0, N = 0, warps = 1, tiles_per_warp = 0, smem_bytes = 0;
 };
-// M: rows of x (1..kW4GemvMaxRows); sms: multiprocessors of the device.
-W4Plan w4a16_plan(int M, int K, int N, int group, int sms);
+// M: rows of x (1..kW4GemvMaxRows).
+W4Plan w4a16_plan(int M, int K, int N);
 inline constexpr int kW4GemvMaxRows = 64;
 
 // out[M, N] = x[M, K] W^T in `dtype` (F16, BF16 or F32; weights and x meet in fp16 on the tensor cores,
-// accumulation in fp32). `partials` holds plan.partial_floats() floats and `counters` plan.blocks_n
-// ints that are zero (the last block of each column range sets its counter back to zero).
+// accumulation in fp32).
 void w4a16_gemv(DType dtype, const void* x, int K, int group, const int32_t* qweight, const void* meta,
-                const W4Plan& plan, float* partials, int* counters, void* out, cudaStream_t stream);
+                const W4Plan& plan, void* out, cudaStream_t stream);
 
 // The dense weight [N, K] in `dtype` (for cuBLAS at larger M): (q - zero) * scale, rounded once.
 void w4a16_dequantize(DType dtype, int K, int N, int group, const int32_t* qweight, const void* meta,

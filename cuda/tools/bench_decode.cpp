@@ -3,6 +3,9 @@
 // context, timed with CUDA events (median of many steps), against the bandwidth floor of BRIEF §8: bytes read
 // per token over the measured device-to-device copy bandwidth. Also times the linears alone, the step
 // replayed as a CUDA graph, and a 1024-token prefill.
+// --profile: only a few warm-up steps, then one decode step between cudaProfilerStart/Stop (for
+// `ncu --profile-from-start off`: the per-kernel times of one step).
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -34,8 +37,16 @@ struct Layer {
 int main(int argc, char** argv) try {
   // --w4a16: the decoder linears are int4 (random AWQ codes, group 128) as an AWQ checkpoint loads them;
   // embeddings, norms and lm_head stay fp16.
-  const bool int4 = argc > 1 && std::string(argv[1]) == "--w4a16";
-  if (argc > 1 && !int4) fail("usage: lmd_cuda_bench [--w4a16]");
+  bool int4 = false, profile = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--w4a16")
+      int4 = true;
+    else if (arg == "--profile")
+      profile = true;
+    else
+      fail("usage: lmd_cuda_bench [--w4a16] [--profile]");
+  }
   if (!cuda_device_available()) fail("no CUDA device");
   CudaBackend be;
   auto stream = static_cast<cudaStream_t>(be.stream());
@@ -144,6 +155,15 @@ int main(int argc, char** argv) try {
   const double bytes = double(weight_bytes) + kv_bytes;
   const double linear_bytes = double(weight_bytes) - double(kLayers * 2 + 1) * kHidden * 2;
 
+  if (profile) {
+    for (int i = 0; i < 3; ++i) step(1, context, false);
+    be.synchronize();
+    LMD_BENCH_CHECK(cudaProfilerStart());
+    step(1, context, false);
+    be.synchronize();
+    LMD_BENCH_CHECK(cudaProfilerStop());
+    return 0;
+  }
   const auto [copy_ms, copy_gbs] = copy_bandwidth(be, stream);
 
   const double lin_ms = median_ms(stream, 3, 50, [&] { step(1, context, true); });

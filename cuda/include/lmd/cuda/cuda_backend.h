@@ -84,7 +84,7 @@ class CudaBackend final : public Backend {
             DeviceTensor& out);
   // Grows the int4 linears' shared workspaces (split-K partials and counters, dense weight) to fit an
   // in x outf linear at any row count.
-  void reserve_w4a16_workspace(int64_t in, int64_t outf, int group, DType compute);
+  void reserve_w4a16_workspace(int64_t in, int64_t outf, DType compute);
   // Copies per-step integers to the device: eagerly into `keep` (a pool tensor), or in a graph step into
   // the graph's metadata buffer, uploaded by end_graph_step.
   const int* stage(const std::vector<int>& values, DeviceTensor& keep);
