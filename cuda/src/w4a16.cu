@@ -83,12 +83,14 @@ __device__ __forceinline__ void load_half16(const T* src, uint32_t (&out)[8]) {
 // 0.5 eligible per scheduler, and one wave of 192 blocks on 132 SMs, so 60 of them held twice the
 // work of the rest. Version 5 is shaped like the dense GEMV that reads 88% of the copy bandwidth: many
 // small blocks that the hardware schedules as SMs free up, no shared-memory staging and no barrier before
-// the math, and few registers. A block owns one 16-output strip and splits its input range over its warps
-// (at most 8 tiles of 512 bytes each, all requested at once); the warps' partial sums meet in shared
-// memory in warp order, so results do not depend on timing. Each lane reads its activations straight
-// from L1: the re-layout puts the 16 inputs a lane multiplies in one tile next to each other (32 bytes).
-// Dequantization: ((v >> 4j) & 0x000f000f) | 0x64006400 is (1024 + q, 1024 + q') in fp16, exactly;
-// subtracting 1024 + zero is exact too, and one multiply by the scale rounds once, as the dense path does.
+// the math. A block owns one 16-output strip and splits its input range over its warps (about 8 tiles of
+// 512 bytes each); a warp keeps kTilesPerRound tiles in flight in a ring of registers. The warps' partial
+// sums meet in shared memory in warp order, so results do not depend on timing. Each lane reads its
+// activations straight from L1: the re-layout puts the 16 inputs a lane multiplies in one tile next to
+// each other (32 bytes). Dequantization: (v & 0x000f000f) | 0x64006400 is (1024 + q, 1024 + q') in fp16,
+// exactly; subtracting 1024 + zero is exact too, and one multiply by the scale rounds once, as the dense
+// path does. Measured limit (Nsight Compute): warps wait on loads (long scoreboard) ~5 of every ~10
+// cycles per issued instruction.
 constexpr int kTilesPerRound = 6;  // 16-byte weight loads per lane in flight (a ring of registers)
 constexpr int kTilesPerWarp = 8;   // one round where the strip has enough of them for the warps
 // Warps per block, at most: 8 at one row tile, where the kernel is held to 85 registers so that three
