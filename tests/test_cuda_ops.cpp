@@ -186,10 +186,15 @@ struct AttnCase {
 };
 
 // Fills each backend's cache with the sequences' contexts (one prefill step), then runs the new tokens:
-// rope_kv_write and attention are compared after both steps.
+// rope_kv_write and attention are compared after both steps, and after each of `graph_steps` more decode
+// steps (every sequence adds one token) that the GPU runs as graph steps: the first records, the second
+// captures, the others replay (a fresh backend per case: graphs are keyed by shape only). A graph step's
+// qkv and output live outside the graph, whose replays use the captured pointers: they are refilled
+// before each step, the output with NaN, so that a row no kernel wrote shows.
 // `static_params` (4 per layer) selects the offline per-layer int8 mode.
 void run_attention_case(CudaBackend& gpu, CpuBackend& cpu, const AttnCase& c, DType dt, int quant_bits,
-                        std::mt19937& rng, Worst& worst, const std::vector<float>& static_params = {}) {
+                        std::mt19937& rng, Worst& worst, const std::vector<float>& static_params = {},
+                        int graph_steps = 0) {
   const std::string kv_name = quant_bits == 0         ? "attention"
                               : static_params.empty() ? "attention KV int" + std::to_string(quant_bits)
                                                       : "attention KV static int8";
@@ -199,13 +204,13 @@ void run_attention_case(CudaBackend& gpu, CpuBackend& cpu, const AttnCase& c, DT
   rope.theta = 10000.0;
   std::vector<std::vector<int>> blocks;
   int num_blocks = 0;
-  for (auto [ctx, n] : c.seqs) num_blocks += blocks_for(ctx + n, c.block_len);
+  for (auto [ctx, n] : c.seqs) num_blocks += blocks_for(ctx + n + graph_steps, c.block_len);
   std::vector<int> all(num_blocks);
   std::iota(all.begin(), all.end(), 0);
   std::shuffle(all.begin(), all.end(), rng);  // block tables out of order, interleaved between sequences
   int next = 0;
   for (auto [ctx, n] : c.seqs) {
-    const int nb = blocks_for(ctx + n, c.block_len);
+    const int nb = blocks_for(ctx + n + graph_steps, c.block_len);
     blocks.emplace_back(all.begin() + next, all.begin() + next + nb);
     next += nb;
   }
@@ -213,12 +218,17 @@ void run_attention_case(CudaBackend& gpu, CpuBackend& cpu, const AttnCase& c, DT
   L.static_params = static_params;
   KvCacheStorage ccache = cpu.alloc_kv_cache(L, DType::F32), gcache = gpu.alloc_kv_cache(L, dt);
 
-  for (int step = 0; step < 2; ++step) {
+  DeviceTensor graph_qkv;
+  Guarded graph_out;
+  const CudaBackend::GraphCounts graphs_before = gpu.graph_counts();
+  for (int step = 0; step < 2 + graph_steps; ++step) {
+    const bool graph = step >= 2;
     BatchLayout batch;
     int tokens = 0;
     for (size_t s = 0; s < c.seqs.size(); ++s) {
       const auto [ctx, n] = c.seqs[s];
-      const int num_new = step == 0 ? ctx : n, context = step == 0 ? 0 : ctx;
+      const int num_new = step == 0 ? ctx : step == 1 ? n : 1;
+      const int context = step == 0 ? 0 : step == 1 ? ctx : ctx + n + step - 2;
       if (num_new == 0) continue;
       batch.seqs.push_back({tokens, num_new, context, blocks[s]});
       tokens += num_new;
@@ -228,20 +238,40 @@ void run_attention_case(CudaBackend& gpu, CpuBackend& cpu, const AttnCase& c, DT
     const auto qkv = rounded(random_values(rng, int64_t(tokens) * qkv_cols), dt);
     DeviceTensor cqkv = on(cpu, qkv, {tokens, qkv_cols}, DType::F32),
                  gqkv = on(gpu, qkv, {tokens, qkv_cols}, dt);
+    const Shape out_shape{tokens, c.heads * c.head_dim};
+    Guarded g = guarded(gpu, dt, out_shape);
+    if (graph) {
+      if (graph_qkv.empty()) {
+        graph_qkv = gpu.alloc(dt, {tokens, qkv_cols});
+        graph_out = guarded(gpu, dt, out_shape);
+      }
+      auto copy = [&](DeviceTensor src, DeviceTensor dst) {  // as one row each
+        src.shape = dst.shape = {1, src.numel()};
+        gpu.gather_rows(src, {0}, dst);
+      };
+      copy(gqkv, graph_qkv);
+      copy(g.full, graph_out.full);
+      gqkv = graph_qkv;
+      g = graph_out;
+      REQUIRE(gpu.begin_graph_step(batch));
+    }
     cpu.rope_kv_write(cqkv, batch, layer, c.heads, rope, ccache);
     gpu.rope_kv_write(gqkv, batch, layer, c.heads, rope, gcache);
-    CHECK(worst.add("rope_kv_write", dt, test::rel_error(values(gpu, gqkv), values(cpu, cqkv))) <
-          tolerance(dt));
-
-    DeviceTensor cout = cpu.alloc(DType::F32, {tokens, c.heads * c.head_dim});
-    Guarded g = guarded(gpu, dt, {tokens, c.heads * c.head_dim});
+    DeviceTensor cout = cpu.alloc(DType::F32, out_shape);
     cpu.attention(cqkv, batch, layer, c.heads, ccache, cout);
     gpu.attention(gqkv, batch, layer, c.heads, gcache, g.view);
+    if (graph) REQUIRE(gpu.end_graph_step(true));
+    CHECK(worst.add("rope_kv_write", dt, test::rel_error(values(gpu, gqkv), values(cpu, cqkv))) <
+          tolerance(dt));
     check_written(gpu, g);
     // The GPU's K/V tiles hold dequantized values rounded to dt: one more rounding than the reference.
     CHECK(worst.add(kv_name, dt, test::rel_error(values(gpu, g.view), values(cpu, cout))) <
           2 * tolerance(dt));
   }
+  const CudaBackend::GraphCounts graphs = gpu.graph_counts();
+  CHECK(graphs.captured - graphs_before.captured == (graph_steps >= 2 ? 1 : 0));
+  CHECK(graphs.replayed - graphs_before.replayed == std::max(0, graph_steps - 2));
+  CHECK(graphs.failed == graphs_before.failed);
 }
 
 }  // namespace
@@ -262,6 +292,7 @@ TEST_CASE("cuda: rope_kv_write and paged attention match the CPU", "[gpu]") {
       {8, 4, 8, 16, {{0, 30}, {12, 1}}},         // stories260K's head_dim 8
       {32, 32, 128, 64, {{1500, 1}, {700, 2}}},  // long decode: split-K with the combine pass
       {4, 2, 256, 16, {{40, 5}}},                // head_dim 256
+      {8, 2, 128, 16, {{2000, 1}}},              // one decode item cut into 16 splits
   };
   for (const AttnCase& c : cases)
     for (DType dt : kDtypes) {
@@ -290,6 +321,37 @@ TEST_CASE("cuda: rope_kv_write and paged attention match the CPU", "[gpu]") {
     INFO("KV static int8 F16 case " << i);
     run_attention_case(gpu, cpu, cases[i], DType::F16, 8, rng, worst, fixed);
   }
+  worst.report();
+}
+
+// Decode steps as CUDA graph steps, whose plans split every item as many ways as fill the device (the
+// splits past the context are empty): on an H100 (132 SMs), 9 ways for one sequence of Llama-2-7B's 32
+// KV heads, 264 for one KV head (8 splits hold keys, and the int8/int4 kernels deal the 8 heads of the
+// group over 4 and 8 row blocks, each with its own merge), 22 for 3 sequences over 4 KV heads, 2 for 40
+// sequences over 4. The last split block of each merge merges it: a replay finds every arrival counter
+// back at zero, or rows go unwritten (NaN).
+TEST_CASE("cuda: split decode attention in graph steps matches the CPU", "[gpu]") {
+  LMD_REQUIRE_GPU();
+  CpuBackend cpu;
+  std::mt19937 rng(5);
+  Worst worst;
+  std::vector<std::pair<int, int>> many;
+  for (int i = 0; i < 40; ++i) many.push_back({i * 37 % 301, 1});
+  const std::vector<AttnCase> cases{
+      {32, 32, 128, 16, {{1000, 1}}},
+      {8, 1, 64, 32, {{250, 1}}},
+      {32, 4, 128, 16, {{100, 1}, {37, 1}, {0, 1}}},
+      {4, 4, 64, 16, many},
+  };
+  constexpr int kGraphSteps = 4;  // record, capture, 2 replays
+  for (size_t i = 0; i < cases.size(); ++i)
+    for (DType dt : kDtypes)
+      for (int bits : {0, 8, 4}) {
+        if ((dt != DType::F16 && (bits != 0 || i == 3)) || (bits != 0 && i > 1)) continue;
+        INFO("case " << i << " " << dtype_name(dt) << " KV bits " << bits);
+        CudaBackend gpu;
+        run_attention_case(gpu, cpu, cases[i], dt, bits, rng, worst, {}, kGraphSteps);
+      }
   worst.report();
 }
 

@@ -9,7 +9,8 @@
 // 32-key tiles dealt round-robin to the warps; each warp keeps its own online-softmax state (running max
 // m, sum l, accumulator) per row, with no block barrier in the loop; the warps' states are merged at the
 // end. Long decode contexts are split over several items (split-K): each writes (m, l, acc) to a partial
-// slot and attention_combine merges the splits. The score matrix is never materialised.
+// slot, and the splits are merged by the last one to finish (decode_kernel) or by combine_kernel after the
+// attention launch. The score matrix is never materialised.
 //
 // Layouts: q rows are read from qkv [tokens, (heads + 2 kv_heads) * head_dim]; out [tokens, heads *
 // head_dim]; a partial slot is float [kv_heads, max_rows, 2 + head_dim] = (m, l, acc[head_dim]).
@@ -37,6 +38,26 @@ __device__ __forceinline__ float2 load2(const float* p) { return make_float2(p[0
 // reading the same column of 32 different keys hit 32 different banks.
 __host__ __device__ constexpr int tile_stride(int head_dim, int elem_bytes) {
   return elem_bytes == 4 ? head_dim + 1 : head_dim + 2;
+}
+
+// Output element d of one row merged from its splits' (m, l, acc) partial slots, `slot` pointing at the
+// first split's and the others `split_stride` floats apart. Splits are summed in split order, so the
+// result does not depend on which split finished first. Read through L2 (__ldcg): in decode_kernel the
+// slots were written by other blocks of the running grid. The three loads of a split do not wait for its
+// test, so that they can be in flight together.
+__device__ __forceinline__ float merge_splits(const float* slot, int64_t split_stride, int splits, int d) {
+  float mx = -INFINITY;
+  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, __ldcg(slot + s * split_stride));
+  float lsum = 0.f, a = 0.f;
+  for (int s = 0; s < splits; ++s) {
+    const float* p = slot + s * split_stride;
+    const float m = __ldcg(p), l = __ldcg(p + 1), acc = __ldcg(p + 2 + d);
+    if (m == -INFINITY) continue;  // an empty split (past the context in a graph step)
+    const float f = expf(m - mx);
+    lsum += l * f;
+    a += acc * f;
+  }
+  return a / lsum;
 }
 
 // Loads keys [start, start + 32) of K and V into shared memory (dequantizing an int8/int4 cache);
@@ -237,6 +258,37 @@ struct CacheVec<T, 4> {
   }
 };
 
+// The end of a decode_kernel block that wrote a split's partial slot (rows [row0, row0 + rows) of KV head
+// `kvhead`): the last of the item's split blocks to get here merges them into `out`, in place of a
+// combine_kernel launch. Its counter (one per merge, KV head and row block) is zero before the launch, and
+// that block sets it back to zero for the next one (a replayed graph step included). Not inlined: inlined,
+// it changed the register allocation of decode_kernel's loop (int4 at R = 1: 167 registers instead of 128,
+// a block fewer per SM).
+template <class T>
+__device__ __noinline__ void merge_if_last(int heads, KvGeometry g, const AttnCombine* combine, int merge,
+                                           int kvhead, int row0, int rows, int max_rows,
+                                           const float* partials, int* counters, T* out) {
+  const AttnCombine c = combine[merge];
+  const int hd = g.head_dim, group = heads / g.kv_heads;
+  int* counter = counters + (int64_t(merge) * g.kv_heads + kvhead) * max_rows + row0;
+  __threadfence();  // this block's partials are visible to the whole device before it is counted
+  __syncthreads();
+  __shared__ bool last;
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1) == c.splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int64_t split_stride = int64_t(g.kv_heads) * max_rows * (2 + hd);
+  const float* first =
+      partials + ((int64_t(c.first_partial) * g.kv_heads + kvhead) * max_rows + row0) * (2 + hd);
+  for (int i = threadIdx.x; i < rows * hd; i += blockDim.x) {
+    const int r = i / hd, d = i % hd, head = kvhead * group + c.head_begin + row0 + r;
+    out[int64_t(c.token_begin) * heads * hd + int64_t(head) * hd + d] =
+        from_f32<T>(merge_splits(first + r * (2 + hd), split_stride, c.splits, d));
+  }
+  if (threadIdx.x == 0) *counter = 0;
+}
+
 // Decode items (one query token; version 2 of the decode path, for fp16/bf16/fp32 and int8/int4 caches).
 // Version 1 (the kernel above) copies 32-key tiles through shared memory and had a single warp per 32 keys
 // in flight: 20 us a layer at context 128 and 981 GB/s of K/V at context 4096 on an H200
@@ -249,14 +301,17 @@ struct CacheVec<T, 4> {
 //   q.k = scale * sum(q c) + zero * sum(q)  and  sum p v = sum (p scale) c + sum p zero,
 // so each code costs one FMA, like an fp16 value. Each lane group keeps its own online-softmax state for
 // its slice of the head dims; groups merge by shuffles, warps through shared memory, and the result (or the
-// split's partial slot) is written as version 1 writes it, so combine_kernel is shared. A block holds up to
-// R rows (a register budget, see launch_decode); larger GQA groups are dealt over blockIdx.z, whose blocks
-// read the same K/V close together in time (from L2, presumably; not measured).
+// split's partial slot) is written as version 1 writes it. A block holds up to R rows (a register budget,
+// see launch_decode); larger GQA groups are dealt over blockIdx.z, whose blocks read the same K/V close
+// together in time (from L2, presumably; not measured).
+// A split item's splits are merged by the last of its blocks to finish (merge_if_last) rather than by a
+// combine_kernel launch after this one: that launch cost ~5 us a layer on an H100 in a Llama-2-7B batch-1
+// graph step (where every item is split about 9 ways), half the time of this kernel.
 template <class T, int BITS, int R>
 __global__ void __launch_bounds__(kWarps * 32)
-    decode_kernel(const T* qkv, int heads, KvGeometry g, const AttnWork* work, const int* blocks,
-                  const void* cache, const uint32_t* params, int lanes, int max_rows, float* partials, T* out,
-                  float scale) {
+    decode_kernel(const T* qkv, int heads, KvGeometry g, const AttnWork* work, const AttnCombine* combine,
+                  const int* blocks, const void* cache, const uint32_t* params, int lanes, int max_rows,
+                  float* partials, int* counters, T* out, float scale) {
   chain_release();
   chain_wait();
   using Vec = CacheVec<T, BITS>;
@@ -396,6 +451,8 @@ __global__ void __launch_bounds__(kWarps * 32)
       dst[2 + d] = a;
     }
   }
+  if (w.partial >= 0)
+    merge_if_last(heads, g, combine, w.combine, kvhead, row0, rows, max_rows, partials, counters, out);
 }
 
 // Multi-token items over an fp16/bf16 cache with head_dim 64 or 128 (version 3, tensor cores). Version 1
@@ -647,6 +704,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
 }
 
+// The merges of the items that attention_kernel ran split.
 template <class T>
 __global__ void combine_kernel(int heads, KvGeometry g, const AttnCombine* combine, int max_rows,
                                const float* partials, T* out) {
@@ -655,24 +713,14 @@ __global__ void combine_kernel(int heads, KvGeometry g, const AttnCombine* combi
   const AttnCombine c = combine[blockIdx.x];
   const int kvhead = blockIdx.y, hd = g.head_dim, group = heads / g.kv_heads;
   const int rows = c.token_count * c.head_count;
-  auto slot = [&](int split, int r) {
-    return partials + ((int64_t(c.first_partial + split) * g.kv_heads + kvhead) * max_rows + r) * (2 + hd);
-  };
+  const int64_t split_stride = int64_t(g.kv_heads) * max_rows * (2 + hd);
+  const float* first = partials + (int64_t(c.first_partial) * g.kv_heads + kvhead) * max_rows * (2 + hd);
   for (int i = threadIdx.x; i < rows * hd; i += blockDim.x) {
     const int r = i / hd, d = i % hd;
-    float mx = -INFINITY;
-    for (int s = 0; s < c.splits; ++s) mx = fmaxf(mx, slot(s, r)[0]);
-    float lsum = 0.f, a = 0.f;
-    for (int s = 0; s < c.splits; ++s) {
-      const float* p = slot(s, r);
-      if (p[0] == -INFINITY) continue;
-      const float f = expf(p[0] - mx);
-      lsum += p[1] * f;
-      a += p[2 + d] * f;
-    }
     const int token = c.token_begin + r / c.head_count,
               head = kvhead * group + c.head_begin + r % c.head_count;
-    out[int64_t(token) * heads * hd + int64_t(head) * hd + d] = from_f32<T>(a / lsum);
+    out[int64_t(token) * heads * hd + int64_t(head) * hd + d] =
+        from_f32<T>(merge_splits(first + r * (2 + hd), split_stride, c.splits, d));
   }
 }
 
@@ -736,8 +784,8 @@ int decode_lanes(int elem_bytes, const KvGeometry& g) {
 
 template <class T, int BITS>
 void launch_decode(const void* qkv, int heads, const KvGeometry& g, const AttnWork* work, int num_work,
-                   const int* blocks, const void* cache, const uint16_t* params, int lanes, int rows,
-                   float* partials, void* out, cudaStream_t stream) {
+                   const AttnCombine* combine, const int* blocks, const void* cache, const uint16_t* params,
+                   int lanes, int rows, float* partials, int* counters, void* out, cudaStream_t stream) {
   // q and acc take 2 * R * E registers. Compiled for sm_90a: fp16 R = 8 fits (224 registers); int8
   // spills at R = 4 and int4 needs 255 at R = 2, so quantized caches keep R * E <= 32 (128 registers).
   constexpr int E = CacheVec<T, BITS>::E, kMaxR = BITS == 0 ? std::min(8, 64 / E) : 32 / E;
@@ -745,9 +793,9 @@ void launch_decode(const void* qkv, int heads, const KvGeometry& g, const AttnWo
   auto run = [&](auto kernel, int r) {
     const size_t smem = size_t(kWarps) * r * (2 + g.head_dim) * sizeof(float);
     const dim3 grid(num_work, g.kv_heads, (rows + r - 1) / r);
-    launch_chained(Chain::OnRequest, kernel, grid, kWarps * 32, smem, stream, qkv, heads, g, work, blocks,
-                   cache, reinterpret_cast<const uint32_t*>(params), lanes, max_rows, partials, out,
-                   1.f / sqrtf(float(g.head_dim)));
+    launch_chained(Chain::OnRequest, kernel, grid, kWarps * 32, smem, stream, qkv, heads, g, work, combine,
+                   blocks, cache, reinterpret_cast<const uint32_t*>(params), lanes, max_rows, partials,
+                   counters, out, 1.f / sqrtf(float(g.head_dim)));
     LMD_CUDA_LAUNCHED();
   };
   if (rows <= 1 || kMaxR == 1) {
@@ -769,7 +817,7 @@ int dims_per_lane(int head_dim) {
 
 }  // namespace
 
-int attn_max_rows(int head_dim) { return dims_per_lane(head_dim) <= 4 ? 8 : 4; }
+int attn_max_rows(int head_dim) { return dims_per_lane(head_dim) <= 4 ? kAttnMaxRows : kAttnMaxRows / 2; }
 
 bool attn_decode_v2(int elem_bytes, const KvGeometry& g) { return decode_lanes(elem_bytes, g) > 0; }
 
@@ -782,18 +830,23 @@ int64_t attn_partial_floats(int num_partials, const KvGeometry& g) {
   return int64_t(num_partials) * g.kv_heads * attn_max_rows(g.head_dim) * (2 + g.head_dim);
 }
 
+// One per (merge, KV head, row): decode_kernel counts a row block's arrivals at its first row.
+int64_t attn_counter_ints(int num_decode_combine, const KvGeometry& g) {
+  return int64_t(num_decode_combine) * g.kv_heads * attn_max_rows(g.head_dim);
+}
+
 void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, const AttnWork* work,
                int num_work, int num_decode, int decode_rows, const AttnCombine* combine, int num_combine,
-               const int* blocks, const void* cache, const uint16_t* params, float* partials, void* out,
-               cudaStream_t stream) {
+               int num_decode_combine, const int* blocks, const void* cache, const uint16_t* params,
+               float* partials, int* counters, void* out, cudaStream_t stream) {
   if (num_work == 0) return;
   const int dpl = dims_per_lane(g.head_dim);
   dispatch_float(dtype, [&](auto t) {
     using T = decltype(t);
     if (const int lanes = decode_lanes(sizeof(T), g); lanes > 0 && num_decode > 0) {
       auto decode = [&](auto bits) {
-        launch_decode<T, decltype(bits)::value>(qkv, heads, g, work, num_decode, blocks, cache, params, lanes,
-                                                decode_rows, partials, out, stream);
+        launch_decode<T, decltype(bits)::value>(qkv, heads, g, work, num_decode, combine, blocks, cache,
+                                                params, lanes, decode_rows, partials, counters, out, stream);
       };
       if (g.quant_bits == 8) {
         decode(std::integral_constant<int, 8>());
@@ -804,6 +857,8 @@ void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, con
       }
       work += num_decode;
       num_work -= num_decode;
+      combine += num_decode_combine;
+      num_combine -= num_decode_combine;
     }
     if constexpr (sizeof(T) == 2) {
       if (num_work > 0 && attn_prefill_v3(sizeof(T), g, heads)) {

@@ -6,6 +6,11 @@
 
 namespace lmd::cuda {
 
+int64_t attn_max_counter_ints(int sms) {
+  // Merges x KV heads < 2 sms (see `want` in plan_attention), a counter per row of a merge.
+  return int64_t(2) * sms * kAttnMaxRows;
+}
+
 std::vector<int> padded_blocks(const std::vector<int>& blocks, int stride) {
   std::vector<int> out(blocks);
   out.resize(std::max<size_t>(stride, blocks.size()), blocks.empty() ? 0 : blocks.back());
@@ -46,10 +51,14 @@ AttnPlan plan_attention(const std::vector<SeqSlice>& seqs, int heads, int elem_b
                          q.context_len + t + count, false});
       }
   }
+  // One-token items first, and so their merges: they run the decode kernel, which merges its own splits;
+  // the rest run the general or prefill kernel.
+  std::stable_partition(items.begin(), items.end(), [](const Item& it) { return it.token_count == 1; });
   AttnPlan plan;
   if (items.empty()) return plan;
   // Split long cache ranges until the grid holds about two blocks per SM (decode needs this; prefill
-  // usually has enough items already).
+  // usually has enough items already). Items are split only while items x KV heads < 2 sms, which bounds
+  // the merges' arrival counters (attn_max_counter_ints).
   const int64_t base_blocks = int64_t(items.size()) * g.kv_heads;
   const int want = int(std::max<int64_t>(1, (2 * sms + base_blocks - 1) / base_blocks));
 
@@ -69,28 +78,29 @@ AttnPlan plan_attention(const std::vector<SeqSlice>& seqs, int heads, int elem_b
                           : std::clamp((it.kv_len + kMinKeysPerSplit - 1) / kMinKeysPerSplit, 1, want);
     const int chunk = ((it.kv_len + splits - 1) / splits + 31) / 32 * 32;
     if (!graph) splits = (it.kv_len + chunk - 1) / chunk;
-    const int first_pos = q.context_len + (it.token_begin - q.token_offset);
+    const int first_pos = q.context_len + (it.token_begin - q.token_offset),
+              combine = int(plan.combine.size());
     if (splits > 1)
       plan.combine.push_back(
           {it.token_begin, it.token_count, it.head_begin, it.head_count, plan.partials, splits});
     for (int s = 0; s < splits; ++s)
       plan.work.push_back({it.token_begin, it.token_count, it.head_begin, it.head_count, first_pos,
                            block_off[it.seq], std::min(it.kv_len, s * chunk),
-                           std::min(it.kv_len, (s + 1) * chunk), splits > 1 ? plan.partials + s : -1});
+                           std::min(it.kv_len, (s + 1) * chunk), splits > 1 ? plan.partials + s : -1,
+                           splits > 1 ? combine : -1});
     if (splits > 1) plan.partials += splits;
+    if (it.token_count == 1) {
+      plan.num_decode = int(plan.work.size());
+      plan.num_decode_combine = int(plan.combine.size());
+      plan.decode_rows = std::max(plan.decode_rows, it.head_count);
+    }
   }
-  // One-token items first: they run the decode kernel (its own launch), the rest the general one.
-  const auto decode_end = std::stable_partition(plan.work.begin(), plan.work.end(),
-                                                [](const AttnWork& w) { return w.token_count == 1; });
-  plan.num_decode = int(decode_end - plan.work.begin());
-  for (auto it = plan.work.begin(); it != decode_end; ++it)
-    plan.decode_rows = std::max(plan.decode_rows, it->head_count);
   // Prefill items by decreasing cache range: a causal item's cost grows with its position, so the
   // longest start first and the grid's last wave is made of short ones.
   if (prefill_v3)
-    std::stable_sort(decode_end, plan.work.end(), [](const AttnWork& a, const AttnWork& b) {
-      return a.kv_end - a.kv_begin > b.kv_end - b.kv_begin;
-    });
+    std::stable_sort(
+        plan.work.begin() + plan.num_decode, plan.work.end(),
+        [](const AttnWork& a, const AttnWork& b) { return a.kv_end - a.kv_begin > b.kv_end - b.kv_begin; });
   return plan;
 }
 

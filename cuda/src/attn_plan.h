@@ -9,10 +9,11 @@
 namespace lmd::cuda {
 
 struct AttnPlan {
-  std::vector<AttnWork> work;  // the num_decode one-token items first, then the multi-token ones
-  std::vector<AttnCombine> combine;
-  std::vector<int> blocks;  // the sequences' block lists, concatenated (AttnWork::block_off)
+  std::vector<AttnWork> work;        // the num_decode one-token items first, then the multi-token ones
+  std::vector<AttnCombine> combine;  // the num_decode_combine merges of one-token items first
+  std::vector<int> blocks;           // the sequences' block lists, concatenated (AttnWork::block_off)
   int num_decode = 0;
+  int num_decode_combine = 0;
   int decode_rows = 1;  // the most rows of a one-token item
   int partials = 0;     // split-K partial-result slots
 };
@@ -22,6 +23,10 @@ struct AttnPlan {
 // block lists are padded to `graph_stride` entries, so that the metadata keeps its sizes between steps.
 AttnPlan plan_attention(const std::vector<SeqSlice>& seqs, int heads, int elem_bytes, const KvGeometry& g,
                         int sms, int graph_stride);
+
+// Arrival counters (attn_counter_ints) that a plan for a device of `sms` multiprocessors needs at most:
+// items are split only while the grid has fewer than two blocks per multiprocessor.
+int64_t attn_max_counter_ints(int sms);
 
 // A sequence's block list padded to `stride` entries with its last block.
 std::vector<int> padded_blocks(const std::vector<int>& blocks, int stride);

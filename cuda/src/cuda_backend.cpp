@@ -118,6 +118,9 @@ struct CudaState {
   int w4_dense_from = kW4DenseFromRows;
   int dense_gemv_max_rows = cuda::kDenseGemvDefaultRows;
   DeviceTensor w4_dense;
+  // Arrival counters of the decode attention kernel's merges (kept zero between launches), sized at
+  // construction for any plan on this device: a decode-step graph captures the pointer.
+  DeviceTensor attn_counters;
 
   // Decode-step graphs (begin_graph_step), one per (sequences, block-table stride). The first step of a
   // shape runs eagerly and records the sizes of its allocations and metadata uploads; the second is
@@ -198,6 +201,9 @@ CudaBackend::CudaBackend(int device, std::optional<DType> activation)
   LMD_CUBLAS_CHECK(cublasCreate(&state_->cublas));
   LMD_CUBLAS_CHECK(cublasSetStream(state_->cublas, state_->stream));
   state_->pool = std::make_shared<Pool>();
+  state_->attn_counters = pool_alloc(DType::I32, {cuda::attn_max_counter_ints(state_->sms)});
+  LMD_CUDA_CHECK(
+      cudaMemsetAsync(state_->attn_counters.data, 0, state_->attn_counters.nbytes(), state_->stream));
 }
 
 CudaBackend::~CudaBackend() {
@@ -206,6 +212,7 @@ CudaBackend::~CudaBackend() {
   state_->meta[0] = {};
   state_->meta[1] = {};
   state_->w4_dense = {};
+  state_->attn_counters = {};
   for (auto& [key, g] : state_->graphs)
     if (g.exec) cudaGraphExecDestroy(g.exec);
   cublasDestroy(state_->cublas);
@@ -668,24 +675,28 @@ void CudaBackend::attention(const DeviceTensor& qkv, const BatchLayout& batch, i
   const cuda::AttnPlan plan = cuda::plan_attention(batch.seqs, heads, int(dtype_size(qkv.dtype)), g,
                                                    state_->sms, graph ? state_->graph_stride() : 0);
   if (plan.work.empty()) return;
-  static_assert(sizeof(cuda::AttnWork) == 9 * sizeof(int) && sizeof(cuda::AttnCombine) == 6 * sizeof(int));
-  std::vector<int> meta(plan.work.size() * 9 + plan.combine.size() * 6);
+  static_assert(sizeof(cuda::AttnWork) % sizeof(int) == 0 && sizeof(cuda::AttnCombine) % sizeof(int) == 0);
+  const size_t work_ints = plan.work.size() * sizeof(cuda::AttnWork) / sizeof(int);
+  std::vector<int> meta(work_ints + plan.combine.size() * sizeof(cuda::AttnCombine) / sizeof(int));
   std::memcpy(meta.data(), plan.work.data(), plan.work.size() * sizeof(cuda::AttnWork));
-  std::memcpy(meta.data() + plan.work.size() * 9, plan.combine.data(),
-              plan.combine.size() * sizeof(cuda::AttnCombine));
+  std::memcpy(meta.data() + work_ints, plan.combine.data(), plan.combine.size() * sizeof(cuda::AttnCombine));
   const int blocks_off = int(meta.size());
   meta.insert(meta.end(), plan.blocks.begin(), plan.blocks.end());
   const int* dev = upload_meta(1, meta);
+  if (cuda::attn_counter_ints(plan.num_decode_combine, g) > state_->attn_counters.numel())
+    fail("CUDA attention: ", plan.num_decode_combine, " merges over ", g.kv_heads,
+         " KV heads exceed the arrival counters");
 
   DeviceTensor scratch;
   if (plan.partials > 0) scratch = alloc(DType::F32, {cuda::attn_partial_floats(plan.partials, g)});
   if (replaying()) return;
   cuda::attention(qkv.dtype, qkv.data, heads, g, reinterpret_cast<const cuda::AttnWork*>(dev),
                   int(plan.work.size()), plan.num_decode, plan.decode_rows,
-                  reinterpret_cast<const cuda::AttnCombine*>(dev + plan.work.size() * 9),
-                  int(plan.combine.size()), dev + blocks_off, cache.data.data,
+                  reinterpret_cast<const cuda::AttnCombine*>(dev + work_ints), int(plan.combine.size()),
+                  plan.num_decode_combine, dev + blocks_off, cache.data.data,
                   cache.params.empty() ? nullptr : cache.params.as<uint16_t>(),
-                  scratch.empty() ? nullptr : scratch.as<float>(), out.data, state_->stream);
+                  scratch.empty() ? nullptr : scratch.as<float>(), state_->attn_counters.as<int>(), out.data,
+                  state_->stream);
 }
 
 void CudaBackend::silu_mul(const DeviceTensor& gate_up, DeviceTensor& out) {

@@ -76,16 +76,19 @@ void rope_kv_write(DType dtype, void* qkv, int tokens, int heads, const KvGeomet
                    const int* token_pos, const int* seq_block_off, const int* blocks, const float* inv_freq,
                    void* cache, uint16_t* params, const StaticKvParams& fixed, cudaStream_t stream);
 
+// Rows one work item may hold at most (attn_max_rows).
+constexpr int kAttnMaxRows = 8;
+
 // One unit of attention work: `token_count` consecutive new tokens of one sequence times `head_count`
 // query heads of one KV-head group (rows = tokens x heads <= kAttnMaxRows), over cache positions
 // [kv_begin, kv_end). `partial` < 0: this is the only split and writes the output; else the index of its
-// partial-result slot, merged later by the combine pass.
+// partial-result slot, and `combine` the index of the merge of its splits in the combine list.
 struct AttnWork {
   int token_begin, token_count, head_begin, head_count;
   int first_pos;  // position of token_begin in its sequence
   int block_off;  // offset of the sequence's block list in the block table
   int kv_begin, kv_end;
-  int partial;
+  int partial, combine;
 };
 // The merge of one row set's splits: partial slots [first_partial, first_partial + splits).
 struct AttnCombine {
@@ -111,13 +114,19 @@ bool attn_prefill_v3(int elem_bytes, const KvGeometry& g, int heads);
 
 // The first `num_decode` work items have one token and at most `decode_rows` rows each: they run the
 // decode kernel where it applies (attn_decode_v2); the rest run the prefill kernel where it applies
-// (attn_prefill_v3), else the general one.
+// (attn_prefill_v3), else the general one. The first `num_decode_combine` merges are those of the
+// one-token items: where the decode kernel runs, it merges them itself, counting its blocks' arrivals
+// in `counters` (attn_counter_ints of them, zero before the call and zero again after it); the other
+// merges run as a separate pass.
 void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, const AttnWork* work,
                int num_work, int num_decode, int decode_rows, const AttnCombine* combine, int num_combine,
-               const int* blocks, const void* cache, const uint16_t* params, float* partials, void* out,
-               cudaStream_t stream);
+               int num_decode_combine, const int* blocks, const void* cache, const uint16_t* params,
+               float* partials, int* counters, void* out, cudaStream_t stream);
 
 // Floats of partial-result workspace `attention` needs for `num_partials` slots.
 int64_t attn_partial_floats(int num_partials, const KvGeometry& g);
+
+// Arrival counters `attention` needs for `num_decode_combine` merges of one-token items.
+int64_t attn_counter_ints(int num_decode_combine, const KvGeometry& g);
 
 }  // namespace lmd::cuda

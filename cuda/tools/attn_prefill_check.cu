@@ -68,6 +68,8 @@ const char* name_of() {
   return std::is_same_v<T, __half> ? "fp16" : "bf16";
 }
 
+constexpr size_t kWorkInts = sizeof(AttnWork) / sizeof(int), kCombineInts = sizeof(AttnCombine) / sizeof(int);
+
 template <class T>
 struct DevBuf {
   T* p = nullptr;
@@ -99,6 +101,7 @@ struct Setup {
   DevBuf<T> d_qkv, d_cache, d_out;
   DevBuf<int> d_meta;
   DevBuf<float> d_partials;
+  DevBuf<int> d_counters;  // zero, as `attention` expects them
 
   Setup(const Case& cs, std::mt19937& rng, int sms, int plan_elem_bytes)
       : c(cs),
@@ -112,16 +115,19 @@ struct Setup {
         d_qkv(qkv.size()),
         d_cache(cache.size()),
         d_out(out_elems + kGuard),
-        d_meta(plan.work.size() * 9 + plan.combine.size() * 6 + plan.blocks.size()),
-        d_partials(size_t(attn_partial_floats(plan.partials, g))) {
+        d_meta(plan.work.size() * kWorkInts + plan.combine.size() * kCombineInts + plan.blocks.size()),
+        d_partials(size_t(attn_partial_floats(plan.partials, g))),
+        d_counters(size_t(attn_counter_ints(plan.num_decode_combine, g))) {
     CHECK_CUDA(cudaMemcpy(d_qkv.p, qkv.data(), qkv.size() * sizeof(T), cudaMemcpyHostToDevice));
     CHECK_CUDA(cudaMemcpy(d_cache.p, cache.data(), cache.size() * sizeof(T), cudaMemcpyHostToDevice));
-    std::vector<int> meta(plan.work.size() * 9 + plan.combine.size() * 6);
+    std::vector<int> meta(plan.work.size() * kWorkInts + plan.combine.size() * kCombineInts);
     std::memcpy(meta.data(), plan.work.data(), plan.work.size() * sizeof(AttnWork));
-    std::memcpy(meta.data() + plan.work.size() * 9, plan.combine.data(),
+    std::memcpy(meta.data() + plan.work.size() * kWorkInts, plan.combine.data(),
                 plan.combine.size() * sizeof(AttnCombine));
     meta.insert(meta.end(), plan.blocks.begin(), plan.blocks.end());
     CHECK_CUDA(cudaMemcpy(d_meta.p, meta.data(), meta.size() * sizeof(int), cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemset(d_counters.p, 0,
+                          std::max<size_t>(attn_counter_ints(plan.num_decode_combine, g), 1) * sizeof(int)));
     poison_out();
   }
 
@@ -178,13 +184,16 @@ struct Setup {
   void poison_out() { CHECK_CUDA(cudaMemset(d_out.p, 0xFF, (out_elems + kGuard) * sizeof(T))); }
 
   const AttnWork* work() const { return reinterpret_cast<const AttnWork*>(d_meta.p); }
-  const int* blocks() const { return d_meta.p + plan.work.size() * 9 + plan.combine.size() * 6; }
+  const int* blocks() const {
+    return d_meta.p + plan.work.size() * kWorkInts + plan.combine.size() * kCombineInts;
+  }
 
   // The backend's launch: decode kernel for one-token items, then version 3 (or 1) for the rest.
   void run() {
     attention(dtype_of<T>(), d_qkv.p, c.heads, g, work(), int(plan.work.size()), plan.num_decode,
-              plan.decode_rows, reinterpret_cast<const AttnCombine*>(d_meta.p + plan.work.size() * 9),
-              int(plan.combine.size()), blocks(), d_cache.p, nullptr, d_partials.p, d_out.p, 0);
+              plan.decode_rows, reinterpret_cast<const AttnCombine*>(d_meta.p + plan.work.size() * kWorkInts),
+              int(plan.combine.size()), plan.num_decode_combine, blocks(), d_cache.p, nullptr, d_partials.p,
+              d_counters.p, d_out.p, 0);
   }
   // Version 1 on every item (for a plan made as for a 4-byte type, whose items all fit it); head_dim 64
   // or 128.
