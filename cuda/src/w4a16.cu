@@ -84,20 +84,22 @@ __device__ __forceinline__ void load_half16(const T* src, uint32_t (&out)[8]) {
 // work of the rest. Version 5 is shaped like the dense GEMV that reads 88% of the copy bandwidth: many
 // small blocks that the hardware schedules as SMs free up, no shared-memory staging and no barrier before
 // the math. A block owns one 16-output strip and splits its input range over its warps (about 8 tiles of
-// 512 bytes each); a warp keeps kTilesPerRound tiles in flight in a ring of registers. The warps' partial
+// 512 bytes each); a warp keeps ring_tiles(MT) tiles in flight in a ring of registers. The warps' partial
 // sums meet in shared memory in warp order, so results do not depend on timing. Each lane reads its
 // activations straight from L1: the re-layout puts the 16 inputs a lane multiplies in one tile next to
 // each other (32 bytes). Dequantization: (v & 0x000f000f) | 0x64006400 is (1024 + q, 1024 + q') in fp16,
 // exactly; subtracting 1024 + zero is exact too, and one multiply by the scale rounds once, as the dense
 // path does. Measured limit (Nsight Compute): warps wait on loads (long scoreboard) ~5 of every ~10
 // cycles per issued instruction.
-constexpr int kTilesPerRound = 6;  // 16-byte weight loads per lane in flight (a ring of registers)
-constexpr int kTilesPerWarp = 8;   // one round where the strip has enough of them for the warps
-// Warps per block, at most: 8 at one row tile, where the kernel is held to 85 registers so that three
-// blocks (24 warps) fit on an SM (at 98 registers, two did: 15 warps and more time stalled on loads);
-// 16 at two row tiles, 8 beyond (more accumulators per warp).
+// 16-byte weight loads per lane in flight (a ring of registers): 8, but 6 from four row tiles on, where 8
+// took the kernel to 144 registers and one block per SM (24 and 32 rows 25% slower).
+__host__ __device__ constexpr int ring_tiles(int mt) { return mt <= 2 ? 8 : 6; }
+constexpr int kTilesPerWarp = 8;  // one round where the strip has enough of them for the warps
+// Warps per block, at most: 8 at one row tile, held to 128 registers so that two blocks fit on an SM
+// (three blocks at 85 registers, with a ring of 6 and no x prefetch, measured the same: the time went
+// to waiting for x, not to too few warps); 16 at two row tiles, 8 beyond (more accumulators per warp).
 __host__ __device__ constexpr int max_warps(int mt) { return mt == 2 ? 16 : 8; }
-__host__ __device__ constexpr int min_blocks(int mt) { return mt == 1 ? 3 : 1; }
+__host__ __device__ constexpr int min_blocks(int mt) { return mt == 1 ? 2 : 1; }
 
 // x row mt * 8 + g of the 16 inputs this lane multiplies in tile kt (zero for rows >= M).
 template <class T>
@@ -125,6 +127,7 @@ __global__ void __launch_bounds__(max_warps(MT) * 32, min_blocks(MT))
 
   // Weights and meta are never written during a step: the first round is requested before waiting for
   // the kernel that writes x.
+  constexpr int kTilesPerRound = ring_tiles(MT);
   uint4 w[kTilesPerRound];
   uint2 m[kTilesPerRound];
   const uint4* strip = qweight + int64_t(nt) * KT * 32 + lane;
@@ -143,15 +146,23 @@ __global__ void __launch_bounds__(max_warps(MT) * 32, min_blocks(MT))
   constexpr int kChains = MT == 2 ? 2 : 1;
   constexpr int kEarlyX = MT <= 2 ? MT : 1;  // x fragments loaded before the dequantization
   float acc[MT][kChains][4] = {};
+  uint32_t xs[2][kEarlyX][8];
+  if constexpr (MT <= 2)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) load_x(x, M, K, mt * 8 + g, kt_begin * 64 + 16 * t, xs[0][mt]);
   for (int base = kt_begin; base < kt_end; base += kTilesPerRound) {
 #pragma unroll
     for (int d = 0; d < kTilesPerRound; ++d) {
       const int kt = base + d;
       if (kt >= kt_end) break;
-      uint32_t b[kEarlyX][8];
+      // x of the next tile is requested now, one tile ahead of its use (kTilesPerRound is even, so the
+      // parity of d is that of the tile's place in the warp's range).
+      uint32_t(&b)[kEarlyX][8] = xs[d & 1];
       if constexpr (MT <= 2)
+        if (kt + 1 < kt_end)
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) load_x(x, M, K, mt * 8 + g, kt * 64 + 16 * t, b[mt]);
+          for (int mt = 0; mt < MT; ++mt)
+            load_x(x, M, K, mt * 8 + g, (kt + 1) * 64 + 16 * t, xs[(d + 1) & 1][mt]);
       // meta: (1024 + zero, scale) of output g, (1024 + 16 zero, scale) of output g + 8.
       const __half2 zero_lo = __low2half2(as_half2(m[d].x)), zero_hi = __high2half2(as_half2(m[d].x));
       const __half2 scale_lo = __low2half2(as_half2(m[d].y)), scale_hi = __high2half2(as_half2(m[d].y));
