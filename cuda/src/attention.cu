@@ -793,9 +793,9 @@ void launch_decode(const void* qkv, int heads, const KvGeometry& g, const AttnWo
   auto run = [&](auto kernel, int r) {
     const size_t smem = size_t(kWarps) * r * (2 + g.head_dim) * sizeof(float);
     const dim3 grid(num_work, g.kv_heads, (rows + r - 1) / r);
-    launch_chained(Chain::OnRequest, kernel, grid, kWarps * 32, smem, stream, qkv, heads, g, work, combine,
-                   blocks, cache, reinterpret_cast<const uint32_t*>(params), lanes, max_rows, partials,
-                   counters, out, 1.f / sqrtf(float(g.head_dim)));
+    launch_chained(kernel, grid, kWarps * 32, smem, stream, qkv, heads, g, work, combine, blocks, cache,
+                   reinterpret_cast<const uint32_t*>(params), lanes, max_rows, partials, counters, out,
+                   1.f / sqrtf(float(g.head_dim)));
     LMD_CUDA_LAUNCHED();
   };
   if (rows <= 1 || kMaxR == 1) {
@@ -889,8 +889,8 @@ void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, con
         launch<T, 8>(qkv, heads, g, work, num_work, blocks, cache, params, partials, out, stream);
     }
     if (num_combine > 0) {
-      launch_chained(Chain::OnRequest, combine_kernel<T>, dim3(num_combine, g.kv_heads), 128, 0, stream,
-                     heads, g, combine, attn_max_rows(g.head_dim), partials, out);
+      launch_chained(combine_kernel<T>, dim3(num_combine, g.kv_heads), 128, 0, stream, heads, g, combine,
+                     attn_max_rows(g.head_dim), partials, out);
       LMD_CUDA_LAUNCHED();
     }
   });

@@ -91,7 +91,7 @@ void dense_gemv(DType dtype, DType out_dtype, const void* x, const void* w, int 
     using T = decltype(tag);
     using TOut = decltype(out_tag);
     auto launch = [&](auto kernel) {
-      launch_chained(Chain::OnRequest, kernel, blocks, kWarps * 32, 0, stream, x, w, K, N, out);
+      launch_chained(kernel, blocks, kWarps * 32, 0, stream, x, w, K, N, out);
     };
     switch (rows) {
       case 1:

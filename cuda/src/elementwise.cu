@@ -125,8 +125,7 @@ void rmsnorm(DType dtype, const void* x, void* residual, const void* w, float ep
     const bool packed = n % kV == 0 && aligned16(x) && aligned16(w) && aligned16(out) &&
                         (residual == nullptr || aligned16(residual));
     auto kernel = packed ? &rmsnorm_kernel<T, kV> : &rmsnorm_kernel<T, 1>;
-    launch_chained(Chain::OnRequest, kernel, unsigned(rows), kNormThreads, 0, stream, x, residual, w, eps, n,
-                   out);
+    launch_chained(kernel, unsigned(rows), kNormThreads, 0, stream, x, residual, w, eps, n, out);
   });
   LMD_CUDA_LAUNCHED();
 }
@@ -135,8 +134,8 @@ void silu_mul(DType dtype, const void* gate_up, int64_t rows, int inter, void* o
   if (rows == 0) return;
   dispatch_float(dtype, [&](auto t) {
     using T = decltype(t);
-    launch_chained(Chain::OnRequest, silu_mul_kernel<T>, elementwise_blocks(rows * inter, 256), 256, 0,
-                   stream, gate_up, rows, inter, out);
+    launch_chained(silu_mul_kernel<T>, elementwise_blocks(rows * inter, 256), 256, 0, stream, gate_up, rows,
+                   inter, out);
   });
   LMD_CUDA_LAUNCHED();
 }

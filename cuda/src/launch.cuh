@@ -41,23 +41,22 @@ inline bool chained_launch_supported() {
   return supported;
 }
 
-// Which launches chain. Measured on an H100 (docs/benchmarks.md), chaining every decode-step kernel made
-// the fp16 Llama-2-7B decode graph 2% slower (5.44 -> 5.55 ms) and the W4A16 one 14% faster (3.53 -> 3.02
-// ms): the int4 GEMV fetches its weights and meta before it waits, and its kernels are short. So by
-// default only the W4A16 GEMV chains; LMD_CHAINED_LAUNCH=1 chains every kernel that supports it.
-enum class Chain { Always, OnRequest };
-inline bool chained(Chain when) {
-  static const bool requested = [] {
+// Whether launches chain: on Hopper, unless LMD_CHAINED_LAUNCH=0. Measured on an H100 (docs/benchmarks.md,
+// third session), chaining every decode-step kernel made the W4A16 Llama-2-7B decode graph 5% faster
+// (2.777 -> 2.639 ms), the eager fp16 step 4% faster and the fp16 graph no slower (5.437 -> 5.420 ms).
+// In the second session, with a different attention and int4 GEMV, the fp16 graph was 2% slower chained.
+inline bool chained() {
+  static const bool enabled = [] {
     const char* env = std::getenv("LMD_CHAINED_LAUNCH");
-    return env != nullptr && std::string_view(env) == "1";
+    return chained_launch_supported() && !(env != nullptr && std::string_view(env) == "0");
   }();
-  return chained_launch_supported() && (when == Chain::Always || requested);
+  return enabled;
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when chained(when).
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when chained().
 template <class... Params, class... Args>
-void launch_chained(Chain when, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                    cudaStream_t stream, Args&&... args) {
+void launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                    Args&&... args) {
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
@@ -67,7 +66,7 @@ void launch_chained(Chain when, void (*kernel)(Params...), dim3 grid, dim3 block
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = &attr;
-  config.numAttrs = chained(when) ? 1 : 0;
+  config.numAttrs = chained() ? 1 : 0;
   LMD_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(std::forward<Args>(args))...));
 }
 

@@ -98,8 +98,8 @@ void rope_kv_write(DType dtype, void* qkv, int tokens, int heads, const KvGeomet
   dispatch_float(dtype, [&](auto t) {
     using T = decltype(t);
     const dim3 grid(tokens, (heads + 2 * g.kv_heads + kRopeWarps - 1) / kRopeWarps);
-    launch_chained(Chain::OnRequest, rope_kv_kernel<T>, grid, kRopeWarps * 32, smem, stream, qkv, heads, g,
-                   token_seq, token_pos, seq_block_off, blocks, inv_freq, cache, params, fixed);
+    launch_chained(rope_kv_kernel<T>, grid, kRopeWarps * 32, smem, stream, qkv, heads, g, token_seq,
+                   token_pos, seq_block_off, blocks, inv_freq, cache, params, fixed);
   });
   LMD_CUDA_LAUNCHED();
 }

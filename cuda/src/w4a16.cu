@@ -316,10 +316,9 @@ void w4a16_gemv(DType dtype, const void* x, int K, int group, const int32_t* qwe
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     auto launch = [&](auto kernel) {
-      launch_chained(Chain::Always, kernel, plan.N / 16, plan.warps * 32, plan.smem_bytes, stream,
-                     static_cast<const T*>(x), plan.M, K, plan.N, group_shift,
-                     reinterpret_cast<const uint4*>(qweight), static_cast<const uint2*>(meta),
-                     plan.tiles_per_warp, static_cast<T*>(out));
+      launch_chained(kernel, plan.N / 16, plan.warps * 32, plan.smem_bytes, stream, static_cast<const T*>(x),
+                     plan.M, K, plan.N, group_shift, reinterpret_cast<const uint4*>(qweight),
+                     static_cast<const uint2*>(meta), plan.tiles_per_warp, static_cast<T*>(out));
     };
     switch (row_tiles(plan.M)) {
       case 1:
