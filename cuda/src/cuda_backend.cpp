@@ -83,7 +83,7 @@ void require_same(const DeviceTensor& a, const DeviceTensor& b, const char* op) 
 
 // int4 linears of at least this many rows dequantize + cuBLAS, fewer run the tensor-core GEMV. Measured
 // on an H100 over a Llama-2-7B layer set (lmd_bench_w4a16, docs/benchmarks.md; GEMV version 5): the GEMV
-// is faster at every row count it takes (7.8 vs 14.2 ms at 64 rows).
+// is faster at every row count it takes (6.9 vs 14.4 ms at 64 rows).
 constexpr int kW4DenseFromRows = cuda::kW4GemvMaxRows + 1;
 
 cudaDataType cuda_type(DType t) {
