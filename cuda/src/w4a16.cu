@@ -89,8 +89,10 @@ __device__ __forceinline__ void load_half16(const T* src, uint32_t (&out)[8]) {
 // activations straight from L1: the re-layout puts the 16 inputs a lane multiplies in one tile next to
 // each other (32 bytes). Dequantization: (v & 0x000f000f) | 0x64006400 is (1024 + q, 1024 + q') in fp16,
 // exactly; subtracting 1024 + zero is exact too, and one multiply by the scale rounds once, as the dense
-// path does. Measured limit (Nsight Compute): warps wait on loads (long scoreboard) ~5 of every ~10
-// cycles per issued instruction.
+// path does. Measured (Nsight Compute, docs/benchmarks.md): warps waited on loads (long scoreboard) 5-6
+// cycles per issued instruction until each tile's activations were requested one tile ahead (2-4 since);
+// neither more resident warps nor half the ALU work (the zero point as a second mma) helped.
+//
 // 16-byte weight loads per lane in flight (a ring of registers): 8, but 6 from four row tiles on, where 8
 // took the kernel to 144 registers and one block per SM (24 and 32 rows 25% slower).
 __host__ __device__ constexpr int ring_tiles(int mt) { return mt <= 2 ? 8 : 6; }
