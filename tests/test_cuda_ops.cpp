@@ -13,6 +13,7 @@
 #include <random>
 #include <sstream>
 
+#include "backend_checks.h"
 #include "cuda_test_support.h"
 #include "lmd/core/error.h"
 #include "lmd/cuda/cuda_backend.h"
@@ -37,6 +38,12 @@ TEST_CASE("cuda: device query", "[gpu]") {
   CHECK(gpu.free_memory() > (size_t(1) << 30));
   CHECK(gpu.activation_dtype(DType::F32) == DType::F16);
   CHECK(gpu.activation_dtype(DType::BF16) == DType::BF16);
+}
+
+TEST_CASE("cuda: download_into reuses a matching host buffer", "[gpu]") {
+  LMD_REQUIRE_GPU();
+  CudaBackend gpu;
+  test::check_download_into(gpu);
 }
 
 TEST_CASE("cuda: rmsnorm and add_rmsnorm match the CPU", "[gpu]") {

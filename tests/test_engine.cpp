@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "backend_checks.h"
 #include "lmd/engine/cpu_backend.h"
 #include "lmd/engine/engine.h"
 #include "lmd/engine/kv_quant.h"
@@ -306,4 +307,9 @@ TEST_CASE("KV quantization round trip is within half a step per element", "[engi
     const float step = (hi - lo) / ((1 << bits) - 1);
     for (int i = 0; i < 128; ++i) CHECK(std::abs(back[i] - x[i]) <= 0.5f * step + 2e-3f * std::abs(hi - lo));
   }
+}
+
+TEST_CASE("cpu backend: download_into reuses a matching host buffer", "[engine]") {
+  CpuBackend be(1);
+  test::check_download_into(be);
 }

@@ -284,12 +284,17 @@ DeviceTensor CudaBackend::upload(const HostTensor& host, DType dtype) {
 }
 
 HostTensor CudaBackend::download(const DeviceTensor& t) {
-  HostTensor h(t.dtype, t.shape);
-  if (t.nbytes() == 0) return h;
-  LMD_CUDA_CHECK(
-      cudaMemcpyAsync(h.mutable_data(), t.data, t.nbytes(), cudaMemcpyDeviceToHost, state_->stream));
-  LMD_CUDA_CHECK(cudaStreamSynchronize(state_->stream));
+  HostTensor h;
+  download_into(t, h);
   return h;
+}
+
+void CudaBackend::download_into(const DeviceTensor& t, HostTensor& dst) {
+  if (!reusable_for(dst, t)) dst = HostTensor(t.dtype, t.shape);
+  if (t.nbytes() == 0) return;
+  LMD_CUDA_CHECK(
+      cudaMemcpyAsync(dst.mutable_data(), t.data, t.nbytes(), cudaMemcpyDeviceToHost, state_->stream));
+  LMD_CUDA_CHECK(cudaStreamSynchronize(state_->stream));
 }
 
 DeviceLinear CudaBackend::prepare_linear(const LinearWeight& w, DType compute) {

@@ -93,9 +93,14 @@ DeviceTensor CpuBackend::upload(const HostTensor& host, DType dtype) {
 }
 
 HostTensor CpuBackend::download(const DeviceTensor& t) {
-  HostTensor h(t.dtype, t.shape);
-  std::memcpy(h.mutable_data(), t.data, t.nbytes());
+  HostTensor h;
+  download_into(t, h);
   return h;
+}
+
+void CpuBackend::download_into(const DeviceTensor& t, HostTensor& dst) {
+  if (!reusable_for(dst, t)) dst = HostTensor(t.dtype, t.shape);
+  std::memcpy(dst.mutable_data(), t.data, t.nbytes());
 }
 
 DeviceLinear CpuBackend::prepare_linear(const LinearWeight& w, DType compute) {

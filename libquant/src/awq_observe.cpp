@@ -165,6 +165,12 @@ void run_float_layer(Backend& be, const ModelSpec& spec, const FloatLayer& layer
   KvCacheStorage cache = be.alloc_kv_cache(layout, act);
   const RopeConfig rope = RopeConfig::from_spec(spec);
 
+  // Host copies of the observed inputs, one per observation point, reused by every step.
+  HostTensor staged[4];
+  auto observe = [&](const DeviceTensor& t, HostTensor& host, InputRecord& rec, int64_t row0) {
+    be.download_into(t, host);
+    record(host, row0, row_stride, rec, pool);
+  };
   int64_t row0 = 0;
   for (int step = 0; step < hidden.steps(); ++step) {
     const int64_t T = hidden.step_rows(step);
@@ -185,17 +191,17 @@ void run_float_layer(Backend& be, const ModelSpec& spec, const FloatLayer& layer
     DeviceTensor mlp = be.alloc(act, {T, spec.intermediate});
 
     be.rmsnorm(x, attn_norm, spec.norm_eps, normed);
-    if (inputs) record(be.download(normed), row0, row_stride, inputs->qkv, pool);
+    if (inputs) observe(normed, staged[0], inputs->qkv, row0);
     be.linear(normed, qkv, qkv_out);
     be.rope_kv_write(qkv_out, layout_b, 0, spec.heads, rope, cache);
     be.attention(qkv_out, layout_b, 0, spec.heads, cache, attn);
-    if (inputs) record(be.download(attn), row0, row_stride, inputs->o, pool);
+    if (inputs) observe(attn, staged[1], inputs->o, row0);
     be.linear(attn, o, proj);
     be.add_rmsnorm(x, proj, ffn_norm, spec.norm_eps, normed);  // x is now the residual after attention
-    if (inputs) record(be.download(normed), row0, row_stride, inputs->gate_up, pool);
+    if (inputs) observe(normed, staged[2], inputs->gate_up, row0);
     be.linear(normed, gate_up, gu);
     be.silu_mul(gu, mlp);
-    if (inputs) record(be.download(mlp), row0, row_stride, inputs->down, pool);
+    if (inputs) observe(mlp, staged[3], inputs->down, row0);
     be.linear(mlp, down, proj);
     // The backend has no plain add: the fused add + norm adds the MLP output into x (rounded once to
     // the activation dtype, as the next layer's input would be) and its norm output is not used.

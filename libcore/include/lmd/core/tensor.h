@@ -32,7 +32,8 @@ class HostTensor {
   size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
 
   const void* data() const { return data_; }
-  void* mutable_data();  // throws on a read-only view
+  bool writable() const { return writable_; }  // owned (not a read-only view)
+  void* mutable_data();                        // throws on a read-only view
   template <class T>
   const T* data_as() const {
     return static_cast<const T*>(data_);

@@ -20,6 +20,7 @@ class CpuBackend final : public Backend {
   DeviceTensor alloc(DType dtype, Shape shape) override;
   DeviceTensor upload(const HostTensor& host, DType dtype) override;
   HostTensor download(const DeviceTensor& t) override;
+  void download_into(const DeviceTensor& t, HostTensor& dst) override;
   DeviceLinear prepare_linear(const LinearWeight& w, DType compute) override;
   KvCacheStorage alloc_kv_cache(const KvCacheLayout& layout, DType compute) override;
   size_t free_memory() const override;
