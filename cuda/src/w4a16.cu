@@ -146,7 +146,8 @@ __global__ void __launch_bounds__(max_warps(MT) * 32, min_blocks(MT))
   // Accumulator value v of lane (g, t): output 16 nt + g + 8 (v >> 1), row mt * 8 + 2t + (v & 1). An mma
   // waits for the one before it on the same accumulators, so the steps of a tile rotate over kChains sets.
   constexpr int kChains = MT == 2 ? 2 : 1;
-  constexpr int kEarlyX = MT <= 2 ? MT : 1;  // x fragments loaded before the dequantization
+  // x fragments: up to two row tiles, all of them, requested one tile ahead; beyond, one row tile at a time.
+  constexpr int kEarlyX = MT <= 2 ? MT : 1;
   float acc[MT][kChains][4] = {};
   uint32_t xs[2][kEarlyX][8];
   if constexpr (MT <= 2)
