@@ -3,6 +3,7 @@
 // id, and the engine's device-side path (Backend::sample per decode step) picks what the Sampler picks.
 #include <random>
 
+#include "forwarding_backend.h"
 #include "lmd/engine/cpu_backend.h"
 #include "lmd/engine/engine.h"
 #include "lmd/engine/model.h"
@@ -16,53 +17,18 @@ namespace {
 
 // The CPU backend presenting itself as an accelerator, so that the engine takes its device-side token
 // choice (Backend::greedy / Backend::sample) on a machine without one.
-class AcceleratorLike final : public Backend {
+class AcceleratorLike final : public test::ForwardingBackend {
  public:
+  AcceleratorLike() : ForwardingBackend(cpu_) {}
   DeviceKind kind() const override { return DeviceKind::CUDA; }
   std::string name() const override { return "cpu posing as an accelerator"; }
-  DType activation_dtype(DType w) const override { return cpu_.activation_dtype(w); }
-  DeviceTensor alloc(DType dtype, Shape shape) override { return cpu_.alloc(dtype, std::move(shape)); }
-  DeviceTensor upload(const HostTensor& host, DType dtype) override { return cpu_.upload(host, dtype); }
-  HostTensor download(const DeviceTensor& t) override { return cpu_.download(t); }
-  DeviceLinear prepare_linear(const LinearWeight& w, DType compute) override {
-    return cpu_.prepare_linear(w, compute);
-  }
-  KvCacheStorage alloc_kv_cache(const KvCacheLayout& layout, DType compute) override {
-    return cpu_.alloc_kv_cache(layout, compute);
-  }
-  size_t free_memory() const override { return cpu_.free_memory(); }
-  void embedding(const DeviceTensor& table, const std::vector<int>& ids, DeviceTensor& out) override {
-    cpu_.embedding(table, ids, out);
-  }
-  void rmsnorm(const DeviceTensor& x, const DeviceTensor& w, float eps, DeviceTensor& out) override {
-    cpu_.rmsnorm(x, w, eps, out);
-  }
-  void add_rmsnorm(DeviceTensor& residual, const DeviceTensor& x, const DeviceTensor& w, float eps,
-                   DeviceTensor& out) override {
-    cpu_.add_rmsnorm(residual, x, w, eps, out);
-  }
-  void linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTensor& out) override {
-    cpu_.linear(x, w, out);
-  }
-  void rope_kv_write(DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
-                     const RopeConfig& rope, KvCacheStorage& cache) override {
-    cpu_.rope_kv_write(qkv, batch, layer, heads, rope, cache);
-  }
-  void attention(const DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
-                 const KvCacheStorage& cache, DeviceTensor& out) override {
-    cpu_.attention(qkv, batch, layer, heads, cache, out);
-  }
-  void silu_mul(const DeviceTensor& gate_up, DeviceTensor& out) override { cpu_.silu_mul(gate_up, out); }
-  void gather_rows(const DeviceTensor& x, const std::vector<int>& rows, DeviceTensor& out) override {
-    cpu_.gather_rows(x, rows, out);
-  }
   void greedy(const DeviceTensor& logits, DeviceTensor& out) override {
     ++greedy_calls;
-    cpu_.greedy(logits, out);
+    inner_.greedy(logits, out);
   }
   void sample(const DeviceTensor& logits, const std::vector<SampleRow>& rows, DeviceTensor& out) override {
     ++sample_calls;
-    cpu_.sample(logits, rows, out);
+    inner_.sample(logits, rows, out);
   }
 
   int greedy_calls = 0, sample_calls = 0;

@@ -11,6 +11,7 @@
 #include <iostream>
 #include <thread>
 
+#include "../forwarding_backend.h"
 #include "lmd/core/chat_template.h"
 #include "lmd/core/tokenizer.h"
 #include "lmd/engine/cpu_backend.h"
@@ -22,15 +23,16 @@ namespace {
 
 using namespace lmd;
 
-class ScriptedBackend final : public Backend {
+class ScriptedBackend final : public test::ForwardingBackend {
  public:
-  explicit ScriptedBackend(Backend& inner) : inner_(inner) {}
+  explicit ScriptedBackend(Backend& inner) : ForwardingBackend(inner) {}
   // Until the script is set (while the model loads) the backend is the inner one.
   void set_script(std::vector<int> tokens, int vocab) {
     script_ = std::move(tokens);
     vocab_ = vocab;
   }
 
+  std::string name() const override { return "scripted " + inner_.name(); }
   HostTensor download(const DeviceTensor& t) override {
     HostTensor host = inner_.download(t);
     if (t.dtype != DType::F32 || t.shape.size() != 2 || t.shape[1] != vocab_ || script_.empty()) return host;
@@ -44,47 +46,7 @@ class ScriptedBackend final : public Backend {
     inner_.embedding(table, ids, out);
   }
 
-  DeviceKind kind() const override { return inner_.kind(); }
-  std::string name() const override { return "scripted " + inner_.name(); }
-  DType activation_dtype(DType weight_dtype) const override { return inner_.activation_dtype(weight_dtype); }
-  DeviceTensor alloc(DType dtype, Shape shape) override { return inner_.alloc(dtype, std::move(shape)); }
-  DeviceTensor upload(const HostTensor& host, DType dtype) override { return inner_.upload(host, dtype); }
-  DeviceLinear prepare_linear(const LinearWeight& w, DType compute) override {
-    return inner_.prepare_linear(w, compute);
-  }
-  KvCacheStorage alloc_kv_cache(const KvCacheLayout& layout, DType compute) override {
-    return inner_.alloc_kv_cache(layout, compute);
-  }
-  size_t free_memory() const override { return inner_.free_memory(); }
-  void rmsnorm(const DeviceTensor& x, const DeviceTensor& weight, float eps, DeviceTensor& out) override {
-    inner_.rmsnorm(x, weight, eps, out);
-  }
-  void add_rmsnorm(DeviceTensor& residual, const DeviceTensor& x, const DeviceTensor& weight, float eps,
-                   DeviceTensor& out) override {
-    inner_.add_rmsnorm(residual, x, weight, eps, out);
-  }
-  void linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTensor& out) override {
-    inner_.linear(x, w, out);
-  }
-  void rope_kv_write(DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
-                     const RopeConfig& rope, KvCacheStorage& cache) override {
-    inner_.rope_kv_write(qkv, batch, layer, heads, rope, cache);
-  }
-  void attention(const DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
-                 const KvCacheStorage& cache, DeviceTensor& out) override {
-    inner_.attention(qkv, batch, layer, heads, cache, out);
-  }
-  void silu_mul(const DeviceTensor& gate_up, DeviceTensor& out) override { inner_.silu_mul(gate_up, out); }
-  void greedy(const DeviceTensor& logits, DeviceTensor& out) override { inner_.greedy(logits, out); }
-  void sample(const DeviceTensor& logits, const std::vector<SampleRow>& rows, DeviceTensor& out) override {
-    inner_.sample(logits, rows, out);
-  }
-  void gather_rows(const DeviceTensor& x, const std::vector<int>& rows, DeviceTensor& out) override {
-    inner_.gather_rows(x, rows, out);
-  }
-
  private:
-  Backend& inner_;
   std::vector<int> script_;
   int vocab_ = 0;
   size_t next_ = 0;
