@@ -35,7 +35,7 @@ TEST_CASE("cuda w4a16: int4 linears match the CPU dequant reference", "[gpu][w4a
       const DeviceLinear cl = cpu.prepare_linear(w, DType::F32);
       const DeviceLinear g16 = gpu.prepare_linear(w, DType::F16), g_bf = gpu.prepare_linear(w, DType::BF16);
       REQUIRE(g16.is_int4());
-      for (int64_t m : {1, 2, 7, 16, 24, 33, 64, 256}) {
+      for (int64_t m : {1, 2, 7, 16, 24, 33, 64, 100, 256}) {
         const auto x = random_values(rng, m * sh.in);
         for (DType dt : {DType::F16, DType::BF16}) {
           const auto xr = rounded(x, dt);
@@ -43,12 +43,11 @@ TEST_CASE("cuda w4a16: int4 linears match the CPU dequant reference", "[gpu][w4a
           cpu.linear(on(cpu, xr, {m, sh.in}, DType::F32), cl, ref);
           const std::vector<float> expected = values(cpu, ref);
           const DeviceTensor gx = on(gpu, xr, {m, sh.in}, dt);
-          // Each path where it runs: the GEMV up to 64 rows, dequantize + cuBLAS at every size.
+          // Each path forced: the GEMV (64 rows a launch) and dequantize + cuBLAS.
           for (bool gemv : {true, false}) {
-            if (gemv && m > 64) continue;
             INFO(sh.in << " -> " << sh.out << " group " << group << " rows " << m << " " << dtype_name(dt)
                        << (gemv ? " gemv" : " dequant+cuBLAS"));
-            gpu.set_w4a16_dense_from(gemv ? 65 : 0);
+            gpu.set_w4a16_dense_from(gemv ? m + 1 : 0);
             Guarded g = guarded(gpu, dt, {m, sh.out});
             gpu.linear(gx, dt == DType::F16 ? g16 : g_bf, g.view);
             check_written(gpu, g);

@@ -81,10 +81,11 @@ void require_same(const DeviceTensor& a, const DeviceTensor& b, const char* op) 
     fail("CUDA ", op, ": dtype mismatch (", dtype_name(a.dtype), " vs ", dtype_name(b.dtype), ")");
 }
 
-// int4 linears of at least this many rows dequantize + cuBLAS, fewer run the tensor-core GEMV. Measured
-// on an H100 over a Llama-2-7B layer set (lmd_bench_w4a16, docs/benchmarks.md; GEMV version 5): the GEMV
-// is faster at every row count it takes (6.9 vs 14.4 ms at 64 rows).
-constexpr int kW4DenseFromRows = cuda::kW4GemvMaxRows + 1;
+// int4 linears of at least this many rows dequantize + cuBLAS, fewer run the tensor-core GEMV (64 rows a
+// launch). Measured on an H100 over a Llama-2-7B layer set (lmd_bench_w4a16, docs/benchmarks.md): the
+// GEMV is faster up to 192 rows (14.5 against 15.1 ms there), dequantize + cuBLAS from 256 (15.3 against
+// 19.3 ms).
+constexpr int kW4DenseFromRows = 193;
 
 cudaDataType cuda_type(DType t) {
   switch (t) {
@@ -118,6 +119,7 @@ struct CudaState {
   int w4_dense_from = kW4DenseFromRows;
   int dense_gemv_max_rows = cuda::kDenseGemvDefaultRows;
   DeviceTensor w4_dense;
+  DeviceTensor w4_x_fragments;  // the activations of the wide GEMV in fragment order (w4a16.h)
   // Arrival counters of the decode attention kernel's merges (kept zero between launches), sized at
   // construction for any plan on this device: a decode-step graph captures the pointer.
   DeviceTensor attn_counters;
@@ -581,6 +583,8 @@ void CudaBackend::reserve_w4a16_workspace(int64_t in, int64_t outf, DType comput
   CudaState& st = *state_;
   const int64_t n = in * outf * int64_t(dtype_size(compute));
   if (st.w4_dense.numel() < n) st.w4_dense = pool_alloc(DType::U8, {n});
+  if (st.w4_x_fragments.numel() < cuda::kW4GemvChunkRows * in)
+    st.w4_x_fragments = pool_alloc(DType::F16, {cuda::kW4GemvChunkRows * in});
 }
 
 void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTensor& out) {
@@ -599,10 +603,12 @@ void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTen
                        st.stream);
     else
       gemm(x, w.weight.data, in, outf, tokens, out);
-  } else if (tokens < st.w4_dense_from && tokens <= cuda::kW4GemvMaxRows) {
+  } else if (tokens < st.w4_dense_from) {
     const cuda::W4Plan plan = cuda::w4a16_plan(int(tokens), int(in), int(outf));
+    if (plan.wide && st.w4_x_fragments.nbytes() < size_t(cuda::kW4GemvChunkRows * in) * sizeof(uint16_t))
+      fail("CUDA linear: the int4 GEMV workspace was not reserved for ", in, " inputs");
     cuda::w4a16_gemv(x.dtype, x.data, int(in), w.group_size, w.qweight.as<int32_t>(), w.scales.data, plan,
-                     out.data, st.stream);
+                     st.w4_x_fragments.data, out.data, st.stream);
   } else {
     if (st.w4_dense.nbytes() < size_t(in * outf) * dtype_size(x.dtype))
       fail("CUDA linear: the int4 dequantization workspace was not reserved for ", dtype_name(x.dtype), " ",

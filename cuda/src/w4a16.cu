@@ -77,6 +77,24 @@ __device__ __forceinline__ void load_half16(const T* src, uint32_t (&out)[8]) {
   for (int i = 0; i < 8; ++i) out[i] = as_u32(__floats2half2_rn(to_f32(v[2 * i]), to_f32(v[2 * i + 1])));
 }
 
+// A fragments of a tile's four 16-input steps from a lane's 16-byte word and its meta: (1024 + zero,
+// scale) of output g, (1024 + 16 zero, scale) of output g + 8. Output g + 8's nibbles are masked in place,
+// so they come out as 1024 + 16 q and its products 16 times too large (exact; undone after the sums).
+__device__ __forceinline__ void dequant_tile(const uint4& w, const uint2& m, uint32_t (&a)[4][4]) {
+  const __half2 zero_lo = __low2half2(as_half2(m.x)), zero_hi = __high2half2(as_half2(m.x));
+  const __half2 scale_lo = __low2half2(as_half2(m.y)), scale_hi = __high2half2(as_half2(m.y));
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    const uint32_t v = component(w, s), v8 = v >> 8;
+    const uint32_t q[4] = {(v & 0x000f000fu) | kMagic, (v & 0x00f000f0u) | kMagic,
+                           (v8 & 0x000f000fu) | kMagic, (v8 & 0x00f000f0u) | kMagic};
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      a[s][j] =
+          as_u32(__hmul2(__hsub2(as_half2(q[j]), j & 1 ? zero_hi : zero_lo), j & 1 ? scale_hi : scale_lo));
+  }
+}
+
 // Version 5. Versions 1-4 (docs/benchmarks.md) gave each block 128 outputs and a long input range,
 // staged the activations in shared memory and planned one wave of such blocks; they read 1.2-1.4 TB/s.
 // Nsight Compute on version 4 (H100): 121 registers per thread, so 16 resident warps per SM, 11.6 achieved,
@@ -166,22 +184,8 @@ __global__ void __launch_bounds__(max_warps(MT) * 32, min_blocks(MT))
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt)
             load_x(x, M, K, mt * 8 + g, (kt + 1) * 64 + 16 * t, xs[(d + 1) & 1][mt]);
-      // meta: (1024 + zero, scale) of output g, (1024 + 16 zero, scale) of output g + 8.
-      const __half2 zero_lo = __low2half2(as_half2(m[d].x)), zero_hi = __high2half2(as_half2(m[d].x));
-      const __half2 scale_lo = __low2half2(as_half2(m[d].y)), scale_hi = __high2half2(as_half2(m[d].y));
-      // A fragments of the tile's four 16-input steps. Output g + 8's nibbles are masked in place, so they
-      // come out as 1024 + 16 q and its products 16 times too large (exact; undone after the sums).
       uint32_t a[4][4];
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        const uint32_t v = component(w[d], s), v8 = v >> 8;
-        const uint32_t q[4] = {(v & 0x000f000fu) | kMagic, (v & 0x00f000f0u) | kMagic,
-                               (v8 & 0x000f000fu) | kMagic, (v8 & 0x00f000f0u) | kMagic};
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          a[s][j] = as_u32(
-              __hmul2(__hsub2(as_half2(q[j]), j & 1 ? zero_hi : zero_lo), j & 1 ? scale_hi : scale_lo));
-      }
+      dequant_tile(w[d], m[d], a);
       // The slot is free: request the tile kTilesPerRound ahead, so that each warp keeps its loads in
       // flight while it computes.
       load(kt + kTilesPerRound, d);
@@ -227,6 +231,119 @@ __global__ void __launch_bounds__(max_warps(MT) * 32, min_blocks(MT))
     float total = 0.f;
     for (int i = 0; i < warps; ++i) total += partial[((i * MT + mt) * 4 + v) * 32 + l];
     out[int64_t(row) * N + nt * 16 + l / 4 + 8 * (v >> 1)] = from_f32<T>(total);
+  }
+}
+
+// Sixteen halves of x: [8 mt + g][64 kt + 16 t + 8 h + j] at xf[((mt KT + kt) 2 + h) 32 + lane][j] (lane =
+// 4g + t; zero for rows >= M), the order in which the wide GEMV's lanes read them. A warp's 16-byte load
+// is then 512 contiguous bytes (4 cache lines; from x itself it touches 8 rows, 8 lines half used), and
+// 16-bit or fp32 activations become fp16 once instead of in every block.
+template <class T>
+__global__ void fragment_x_kernel(const T* __restrict__ x, int M, int K, int MT, uint4* __restrict__ xf) {
+  chain_release();
+  chain_wait();
+  const int KT = K / 64;
+  const int64_t total = int64_t(MT) * KT * 64;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int lane = int(idx % 32), h = int(idx / 32 % 2);
+    const int64_t tile = idx / 64;
+    const int kt = int(tile % KT), row = int(tile / KT) * 8 + lane / 4;
+    uint32_t v[8] = {};
+    if (row < M) load_half16(x + int64_t(row) * K + kt * 64 + 16 * (lane % 4), v);
+    xf[idx] = h == 0 ? make_uint4(v[0], v[1], v[2], v[3]) : make_uint4(v[4], v[5], v[6], v[7]);
+  }
+}
+
+// The GEMV from eight row tiles (33+ rows) on. There a tile's activations are 16 times its weight bytes,
+// and version 5 spent its time reading them: a warp that multiplies them into two strips instead of one
+// reads half as many per weight byte, and reads them in fragment order (fragment_x_kernel). Measured on
+// an H100 (docs/benchmarks.md): 64 rows of a Llama-2-7B layer set 6.95 -> 4.77 ms; at 17-32 rows, where
+// version 5 is faster (3.28 against 3.71 ms at 32 rows), version 5 runs. Grid N / 32
+// blocks; block b computes outputs [32 b, 32 b + 32) for all M <= 8 MT rows, warp w over input tiles
+// [w * tiles_per_warp, +tiles_per_warp), kWideRing tiles of both strips in flight.
+constexpr int kWideWarps = 8, kWideRing = 4;
+template <class T, int MT>
+__global__ void __launch_bounds__(kWideWarps * 32, 1)
+    gemv_wide_kernel(const uint4* __restrict__ xf, int M, int K, int N, int group_shift,
+                     const uint4* __restrict__ qweight, const uint2* __restrict__ meta, int tiles_per_warp,
+                     T* __restrict__ out) {
+  extern __shared__ float partial[];  // [warps][MT][4 values][32 lanes], one strip at a time
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warps = blockDim.x / 32, NT = N / 16, KT = K / 64, nt0 = 2 * blockIdx.x;
+  const int kt_begin = warp * tiles_per_warp, kt_end = min(KT, kt_begin + tiles_per_warp);
+  chain_release();
+
+  uint4 w[kWideRing][2];
+  uint2 m[kWideRing][2];
+  auto load = [&](int kt, int d) {
+    if (kt < kt_end)
+#pragma unroll
+      for (int sp = 0; sp < 2; ++sp) {
+        w[d][sp] = __ldcs(qweight + (int64_t(nt0 + sp) * KT + kt) * 32 + lane);
+        m[d][sp] = __ldg(meta + (int64_t((kt * 64 + 16 * t) >> group_shift) * NT + nt0 + sp) * 8 + g);
+      }
+  };
+#pragma unroll
+  for (int d = 0; d < kWideRing; ++d) load(kt_begin + d, d);
+  chain_wait();
+
+  // Accumulator value v of lane (g, t) for strip sp: output 16 (nt0 + sp) + g + 8 (v >> 1), row
+  // mt * 8 + 2t + (v & 1).
+  float acc[2][MT][4] = {};
+  for (int base = kt_begin; base < kt_end; base += kWideRing) {
+#pragma unroll
+    for (int d = 0; d < kWideRing; ++d) {
+      const int kt = base + d;
+      if (kt >= kt_end) break;
+      uint32_t a[2][4][4];
+#pragma unroll
+      for (int sp = 0; sp < 2; ++sp) dequant_tile(w[d][sp], m[d][sp], a[sp]);
+      load(kt + kWideRing, d);
+      const uint4* xt = xf + int64_t(kt) * 64 + lane;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint4 lo = __ldg(xt + int64_t(mt) * KT * 64), hi = __ldg(xt + int64_t(mt) * KT * 64 + 32);
+        const uint32_t b[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+        for (int sp = 0; sp < 2; ++sp)
+#pragma unroll
+          for (int s = 0; s < 4; ++s) Mma<__half>::run(acc[sp][mt], a[sp][s], b[2 * s], b[2 * s + 1]);
+      }
+    }
+  }
+#pragma unroll
+  for (int sp = 0; sp < 2; ++sp)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) acc[sp][mt][2] *= 1.f / 16, acc[sp][mt][3] *= 1.f / 16;
+
+#pragma unroll
+  for (int sp = 0; sp < 2; ++sp) {
+    const int nt = nt0 + sp;
+    if (warps == 1) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          const int row = mt * 8 + 2 * t + (v & 1);
+          if (row < M) out[int64_t(row) * N + nt * 16 + g + 8 * (v >> 1)] = from_f32<T>(acc[sp][mt][v]);
+        }
+      continue;
+    }
+    if (sp > 0) __syncthreads();  // the first strip's sums have been read
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) partial[((warp * MT + mt) * 4 + v) * 32 + lane] = acc[sp][mt][v];
+    __syncthreads();
+    for (int e = threadIdx.x; e < MT * 128; e += blockDim.x) {
+      const int mt = e / 128, v = e / 32 % 4, l = e % 32;
+      const int row = mt * 8 + 2 * (l % 4) + (v & 1);
+      if (row >= M) continue;
+      float total = 0.f;
+      for (int i = 0; i < warps; ++i) total += partial[((i * MT + mt) * 4 + v) * 32 + l];
+      out[int64_t(row) * N + nt * 16 + l / 4 + 8 * (v >> 1)] = from_f32<T>(total);
+    }
   }
 }
 
@@ -302,10 +419,11 @@ W4Plan w4a16_plan(int M, int K, int N) {
   W4Plan p;
   p.M = M;
   p.N = N;
-  const int KT = K / 64, mt = row_tiles(M);
-  // About kTilesPerWarp tiles per warp, up to max_warps(mt) warps on a strip (beyond that each warp
-  // streams more rounds through its ring); then the range spread evenly over them.
-  p.warps = std::clamp((KT + kTilesPerWarp - 1) / kTilesPerWarp, 1, max_warps(mt));
+  const int KT = K / 64, mt = row_tiles(std::min(M, kW4GemvChunkRows));
+  p.wide = mt == 8;
+  // About kTilesPerWarp tiles per warp, up to the block's most warps (beyond that each warp streams more
+  // rounds through its ring); then the range spread evenly over them.
+  p.warps = std::clamp((KT + kTilesPerWarp - 1) / kTilesPerWarp, 1, p.wide ? kWideWarps : max_warps(mt));
   p.tiles_per_warp = (KT + p.warps - 1) / p.warps;
   p.warps = (KT + p.tiles_per_warp - 1) / p.tiles_per_warp;
   p.smem_bytes = p.warps > 1 ? p.warps * mt * 128 * int(sizeof(float)) : 0;
@@ -313,29 +431,44 @@ W4Plan w4a16_plan(int M, int K, int N) {
 }
 
 void w4a16_gemv(DType dtype, const void* x, int K, int group, const int32_t* qweight, const void* meta,
-                const W4Plan& plan, void* out, cudaStream_t stream) {
-  if (plan.M < 1 || plan.M > kW4GemvMaxRows) fail("W4A16 GEMV: ", plan.M, " rows (1..", kW4GemvMaxRows, ")");
-  const int group_shift = __builtin_ctz(unsigned(group));
+                const W4Plan& plan, void* x_fragments, void* out, cudaStream_t stream) {
+  if (plan.M < 1) fail("W4A16 GEMV: ", plan.M, " rows");
+  const int group_shift = __builtin_ctz(unsigned(group)), mt = row_tiles(std::min(plan.M, kW4GemvChunkRows));
+  auto* xf = static_cast<uint4*>(x_fragments);
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto launch = [&](auto kernel) {
-      launch_chained(kernel, plan.N / 16, plan.warps * 32, plan.smem_bytes, stream, static_cast<const T*>(x),
-                     plan.M, K, plan.N, group_shift, reinterpret_cast<const uint4*>(qweight),
-                     static_cast<const uint2*>(meta), plan.tiles_per_warp, static_cast<T*>(out));
-    };
-    switch (row_tiles(plan.M)) {
-      case 1:
-        launch(gemv_kernel<T, 1>);
-        break;
-      case 2:
-        launch(gemv_kernel<T, 2>);
-        break;
-      case 4:
-        launch(gemv_kernel<T, 4>);
-        break;
-      default:
-        launch(gemv_kernel<T, 8>);
-        break;
+    // kW4GemvChunkRows rows a launch (the wide GEMV's fragments of x hold that many).
+    for (int row = 0; row < plan.M; row += kW4GemvChunkRows) {
+      const int rows = std::min(kW4GemvChunkRows, plan.M - row);
+      const T* xc = static_cast<const T*>(x) + int64_t(row) * K;
+      T* oc = static_cast<T*>(out) + int64_t(row) * plan.N;
+      auto launch = [&](auto kernel) {
+        launch_chained(kernel, plan.N / 16, plan.warps * 32, plan.smem_bytes, stream, xc, rows, K, plan.N,
+                       group_shift, reinterpret_cast<const uint4*>(qweight), static_cast<const uint2*>(meta),
+                       plan.tiles_per_warp, oc);
+      };
+      auto launch_wide = [&](auto kernel) {
+        launch_chained(fragment_x_kernel<T>, grid_for(int64_t(mt) * (K / 64) * 64, 256), 256, 0, stream, xc,
+                       rows, K, mt, xf);
+        launch_chained(kernel, plan.N / 32, plan.warps * 32, plan.smem_bytes, stream,
+                       static_cast<const uint4*>(xf), rows, K, plan.N, group_shift,
+                       reinterpret_cast<const uint4*>(qweight), static_cast<const uint2*>(meta),
+                       plan.tiles_per_warp, oc);
+      };
+      switch (mt) {
+        case 1:
+          launch(gemv_kernel<T, 1>);
+          break;
+        case 2:
+          launch(gemv_kernel<T, 2>);
+          break;
+        case 4:
+          launch(gemv_kernel<T, 4>);
+          break;
+        default:
+          launch_wide(gemv_wide_kernel<T, 8>);
+          break;
+      }
     }
   });
   LMD_CUDA_LAUNCHED();

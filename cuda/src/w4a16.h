@@ -29,19 +29,21 @@ inline bool w4a16_supported(int64_t in, int64_t out, int group) {
 void w4a16_relayout(const int32_t* awq_qweight, const int32_t* awq_qzeros, const void* awq_scales, int K,
                     int N, int group, int32_t* qweight, void* meta, cudaStream_t stream);
 
-// Shape of one GEMV launch: N / 16 blocks (one 16-output strip each) of `warps` warps, each warp
-// `tiles_per_warp` 64-input tiles of the strip; smem_bytes of shared memory for the warps' sums.
+// Shape of one GEMV launch: up to 32 rows, N / 16 blocks (one 16-output strip each); from 33 rows on
+// (wide), N / 32 blocks (two strips each). Each block has `warps` warps, each warp `tiles_per_warp`
+// 64-input tiles of the input range; smem_bytes of shared memory for the warps' sums.
 struct W4Plan {
   int M = 0, N = 0, warps = 1, tiles_per_warp = 0, smem_bytes = 0;
+  bool wide = false;
 };
-// M: rows of x (1..kW4GemvMaxRows).
+// M: rows of x, run kW4GemvChunkRows at a time.
 W4Plan w4a16_plan(int M, int K, int N);
-inline constexpr int kW4GemvMaxRows = 64;
+inline constexpr int kW4GemvChunkRows = 64;
 
 // out[M, N] = x[M, K] W^T in `dtype` (F16, BF16 or F32; weights and x meet in fp16 on the tensor cores,
-// accumulation in fp32).
+// accumulation in fp32). x_fragments: device workspace of kW4GemvChunkRows * K fp16 (plan.wide only).
 void w4a16_gemv(DType dtype, const void* x, int K, int group, const int32_t* qweight, const void* meta,
-                const W4Plan& plan, void* out, cudaStream_t stream);
+                const W4Plan& plan, void* x_fragments, void* out, cudaStream_t stream);
 
 // The dense weight [N, K] in `dtype` (for cuBLAS at larger M): (q - zero) * scale, rounded once.
 void w4a16_dequantize(DType dtype, int K, int N, int group, const int32_t* qweight, const void* meta,

@@ -510,14 +510,26 @@ def main():
     if not os.path.isdir(os.path.join(ARGS.assets, "models", "stories260K")):
         print(f"shared test assets not found at {ARGS.assets}; skipped")
         return 0
-    if ARGS.log_dir is None:
+    temporary_logs = ARGS.log_dir is None
+    if temporary_logs:
         import tempfile
         ARGS.log_dir = tempfile.mkdtemp(prefix="lmd-server-e2e-")
     os.makedirs(ARGS.log_dir, exist_ok=True)
     if openai is None:
         print("note: the openai package is not installed (pip install openai); its tests are skipped")
     result = unittest.main(argv=[sys.argv[0], *rest], exit=False).result
-    return 0 if result.wasSuccessful() else 1
+    return finish(result, ARGS.log_dir, temporary_logs)
+
+
+def finish(result, log_dir, temporary_logs):
+    """Exit code of a run; its server logs are kept where a test failed or the caller chose the folder."""
+    if not result.wasSuccessful():
+        print(f"server logs: {log_dir}")
+        return 1
+    if temporary_logs:
+        import shutil
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":

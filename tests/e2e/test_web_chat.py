@@ -169,11 +169,12 @@ def main():
     if webdriver is None or browser_paths() is None:
         print("web chat test skipped: needs chromium, chromium-driver (apt) and selenium (pip)")
         return 0
+    temporary_logs = args.log_dir is None
     args.log_dir = args.log_dir or tempfile.mkdtemp(prefix="lmd-web-chat-")
     os.makedirs(args.log_dir, exist_ok=True)
     test_server.ARGS = args
     result = unittest.main(argv=[sys.argv[0], *rest], exit=False).result
-    return 0 if result.wasSuccessful() else 1
+    return test_server.finish(result, args.log_dir, temporary_logs)
 
 
 if __name__ == "__main__":
