@@ -95,6 +95,38 @@ __device__ __forceinline__ void dequant_tile(const uint4& w, const uint2& m, uin
   }
 }
 
+// Writes one strip's sums, lane (g, t)'s value v being output 16 nt + g + 8 (v >> 1) of row mt * 8 + 2t +
+// (v & 1): straight from a block of one warp, else through `partial` ([warps][MT][4][32] floats), summed
+// over the warps in warp order so that results do not depend on timing.
+template <class T, int MT>
+__device__ __forceinline__ void store_strip(const float (&sum)[MT][4], int M, int N, int nt, float* partial,
+                                            T* out) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (warps == 1) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const int row = mt * 8 + 2 * (lane % 4) + (v & 1);
+        if (row < M) out[int64_t(row) * N + nt * 16 + lane / 4 + 8 * (v >> 1)] = from_f32<T>(sum[mt][v]);
+      }
+    return;
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) partial[((warp * MT + mt) * 4 + v) * 32 + lane] = sum[mt][v];
+  __syncthreads();
+  for (int e = threadIdx.x; e < MT * 128; e += blockDim.x) {
+    const int mt = e / 128, v = e / 32 % 4, l = e % 32;
+    const int row = mt * 8 + 2 * (l % 4) + (v & 1);
+    if (row >= M) continue;
+    float total = 0.f;
+    for (int i = 0; i < warps; ++i) total += partial[((i * MT + mt) * 4 + v) * 32 + l];
+    out[int64_t(row) * N + nt * 16 + l / 4 + 8 * (v >> 1)] = from_f32<T>(total);
+  }
+}
+
 // Version 5. Versions 1-4 (docs/benchmarks.md) gave each block 128 outputs and a long input range,
 // staged the activations in shared memory and planned one wave of such blocks; they read 1.2-1.4 TB/s.
 // Nsight Compute on version 4 (H100): 121 registers per thread, so 16 resident warps per SM, 11.6 achieved,
@@ -141,7 +173,7 @@ __global__ void __launch_bounds__(max_warps(MT) * 32, min_blocks(MT))
                 T* __restrict__ out) {
   extern __shared__ float partial[];  // [warps][MT][4 values][32 lanes]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int warps = blockDim.x / 32, nt = blockIdx.x, NT = N / 16, KT = K / 64;
+  const int nt = blockIdx.x, NT = N / 16, KT = K / 64;
   const int kt_begin = warp * tiles_per_warp, kt_end = min(KT, kt_begin + tiles_per_warp);
   chain_release();
 
@@ -209,29 +241,7 @@ __global__ void __launch_bounds__(max_warps(MT) * 32, min_blocks(MT))
       if (v >= 2) sum[mt][v] *= 1.f / 16;
     }
 
-  if (warps == 1) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const int row = mt * 8 + 2 * t + (v & 1);
-        if (row < M) out[int64_t(row) * N + nt * 16 + g + 8 * (v >> 1)] = from_f32<T>(sum[mt][v]);
-      }
-    return;
-  }
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int v = 0; v < 4; ++v) partial[((warp * MT + mt) * 4 + v) * 32 + lane] = sum[mt][v];
-  __syncthreads();
-  for (int e = threadIdx.x; e < MT * 128; e += blockDim.x) {
-    const int mt = e / 128, v = e / 32 % 4, l = e % 32;
-    const int row = mt * 8 + 2 * (l % 4) + (v & 1);
-    if (row >= M) continue;
-    float total = 0.f;
-    for (int i = 0; i < warps; ++i) total += partial[((i * MT + mt) * 4 + v) * 32 + l];
-    out[int64_t(row) * N + nt * 16 + l / 4 + 8 * (v >> 1)] = from_f32<T>(total);
-  }
+  store_strip<T, MT>(sum, M, N, nt, partial, out);
 }
 
 // Sixteen halves of x: [8 mt + g][64 kt + 16 t + 8 h + j] at xf[((mt KT + kt) 2 + h) 32 + lane][j] (lane =
@@ -319,31 +329,8 @@ __global__ void __launch_bounds__(kWideWarps * 32, 1)
 
 #pragma unroll
   for (int sp = 0; sp < 2; ++sp) {
-    const int nt = nt0 + sp;
-    if (warps == 1) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          const int row = mt * 8 + 2 * t + (v & 1);
-          if (row < M) out[int64_t(row) * N + nt * 16 + g + 8 * (v >> 1)] = from_f32<T>(acc[sp][mt][v]);
-        }
-      continue;
-    }
-    if (sp > 0) __syncthreads();  // the first strip's sums have been read
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int v = 0; v < 4; ++v) partial[((warp * MT + mt) * 4 + v) * 32 + lane] = acc[sp][mt][v];
-    __syncthreads();
-    for (int e = threadIdx.x; e < MT * 128; e += blockDim.x) {
-      const int mt = e / 128, v = e / 32 % 4, l = e % 32;
-      const int row = mt * 8 + 2 * (l % 4) + (v & 1);
-      if (row >= M) continue;
-      float total = 0.f;
-      for (int i = 0; i < warps; ++i) total += partial[((i * MT + mt) * 4 + v) * 32 + l];
-      out[int64_t(row) * N + nt * 16 + l / 4 + 8 * (v >> 1)] = from_f32<T>(total);
-    }
+    if (sp > 0 && warps > 1) __syncthreads();  // the first strip's sums have been read
+    store_strip<T, MT>(acc[sp], M, N, nt0 + sp, partial, out);
   }
 }
 
