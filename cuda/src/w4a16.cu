@@ -1,5 +1,6 @@
-// W4A16 kernels (layout in w4a16.h): the AWQ -> tiled re-layout done once at load, the tensor-core GEMV
-// for small batches, and the dequantization to a dense weight for cuBLAS at larger batches.
+// W4A16 kernels (layout in w4a16.h): the AWQ -> tiled re-layout done once at load, the tensor-core GEMVs
+// (version 5 up to 32 rows; the wide GEMV from 33, after copying x into fragment order), and the
+// dequantization to a dense weight for cuBLAS at larger batches.
 #include <algorithm>
 
 #include "cuda_check.h"

@@ -62,7 +62,7 @@ class CudaBackend final : public Backend {
   // The stream every op is queued on (for timing with events and graph capture).
   void* stream() const;
   // int4 linears of at least `rows` rows dequantize to a dense weight and use cuBLAS, fewer run the
-  // tensor-core GEMV. The default is the measured crossover; tests and benchmarks
+  // tensor-core GEMV (64 rows a launch). The default is the measured crossover; tests and benchmarks
   // force each path with this.
   void set_w4a16_dense_from(int rows);
   // 16-bit dense linears of at most `rows` rows (default 1, capped at 4) run the warp-per-output GEMV,
