@@ -5,8 +5,9 @@
 #   scripts/gpu_check.sh [DEBS_DIR]     (default: .debs beside this checkout)
 # Stages, each chosen by a variable (defaults in brackets):
 #   LMD_GPU_TESTS   Catch2 filter of the GPU tests ["[gpu]"]; empty: none
-#   LMD_GPU_BENCH   op-level benchmarks among decode (fp16 batch-1 decode step), decode-w4a16 (the same
-#                   with int4 linears), w4a16 (the int4 linears alone) ["decode decode-w4a16 w4a16"]
+#   LMD_GPU_BENCH   op-level benchmarks among decode (fp16 batch-1 decode step, Llama-2-7B shape),
+#                   decode-w4a16 (the same with int4 linears), decode-internlm2 (bf16, InternLM2-1.8B
+#                   shape), w4a16 (the int4 linears alone) ["decode decode-w4a16 decode-internlm2 w4a16"]
 #   LMD_GPU_CHECK_MODELS  `lmd bench generation` on random-weight checkpoints made here, beside Hugging
 #                   Face transformers (scripts/bench_transformers.py) ["llama2-7b internlm2-1.8b"]
 #   LMD_GPU_KV      1: KV-cache quantization on a random Llama-2-7B: blocks at --cache-max-entry-count
@@ -54,10 +55,11 @@ if [[ -n "${LMD_GPU_TESTS-[gpu]}" ]]; then
 fi
 
 bench_rc=0
-for bench in ${LMD_GPU_BENCH-decode decode-w4a16 w4a16}; do
+for bench in ${LMD_GPU_BENCH-decode decode-w4a16 decode-internlm2 w4a16}; do
   case $bench in
     decode) cmd=("$BUILD/cuda/lmd_cuda_bench") ;;
     decode-w4a16) cmd=("$BUILD/cuda/lmd_cuda_bench" --w4a16) ;;
+    decode-internlm2) cmd=("$BUILD/cuda/lmd_cuda_bench" --shape internlm2-1.8b) ;;
     w4a16) cmd=("$BUILD/cuda/lmd_bench_w4a16") ;;
     *) echo "unknown benchmark $bench"; exit 1 ;;
   esac

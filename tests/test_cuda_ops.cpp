@@ -16,6 +16,7 @@
 #include "backend_checks.h"
 #include "cuda_test_support.h"
 #include "lmd/core/error.h"
+#include "lmd/core/random_checkpoint.h"
 #include "lmd/cuda/cuda_backend.h"
 #include "lmd/engine/block_pool.h"
 #include "lmd/engine/cpu_backend.h"
@@ -180,6 +181,90 @@ TEST_CASE("cuda: linear, silu_mul, embedding and gather_rows match the CPU", "[g
       cpu.gather_rows(cout, rows, crows);
       CHECK(values(gpu, g2.view) == values(cpu, crows));
       CHECK_THROWS_AS(gpu.embedding(gtable, {vocab}, g.view), lmd::Error);
+    }
+  }
+  worst.report();
+}
+
+TEST_CASE("cuda: add_rmsnorm_linear and silu_mul_linear, fused into the GEMVs, match the CPU", "[gpu]") {
+  LMD_REQUIRE_GPU();
+  CudaBackend gpu;
+  CpuBackend cpu(2);
+  std::mt19937 rng(21);
+  Worst worst;
+  struct FusedCase {
+    int64_t in, out;
+    bool int4;
+  };
+  // Llama-2-7B's q|k|v, gate|up and down, InternLM2-1.8B's gate|up; dense and int4 (group 128); rows that
+  // the fused kernels take (1-2 at 11008 inputs, up to 4 dense and 5 int4 at 4096) and rows beyond,
+  // which run the two ops.
+  const FusedCase cases[] = {{4096, 12288, false}, {4096, 22016, false}, {11008, 4096, false},
+                             {2048, 16384, false}, {4096, 12288, true},  {11008, 4096, true},
+                             {2048, 16384, true}};
+  for (const FusedCase& c : cases) {
+    LinearWeight w;
+    if (c.int4)
+      w = random_awq_linear(rng, c.in, c.out, 128);
+    else
+      w.weight = HostTensor::from_f32(random_values(rng, c.in * c.out, 0.02f), {c.out, c.in});
+    const DeviceLinear cl = cpu.prepare_linear(w, DType::F32);
+    for (DType dt : {DType::F16, DType::BF16}) {
+      const DeviceLinear gl = gpu.prepare_linear(w, dt);
+      REQUIRE(gl.is_int4() == c.int4);
+      for (int64_t rows : {1, 2, 3, 5, 9}) {
+        if (!c.int4 && rows > 4) continue;  // the dense GEMV's rows
+        gpu.set_dense_gemv_max_rows(4);
+        INFO(c.in << " -> " << c.out << (c.int4 ? " int4 " : " dense ") << dtype_name(dt) << " rows "
+                  << rows);
+        // add_rmsnorm_linear: the residual and the output, against the CPU's two ops.
+        const auto x = rounded(random_values(rng, rows * c.in), dt);
+        const auto res = rounded(random_values(rng, rows * c.in, 3.f), dt);
+        const auto nw = rounded(random_values(rng, c.in, 0.5f), dt);
+        DeviceTensor cres = on(cpu, res, {rows, c.in}, DType::F32),
+                     cnorm = cpu.alloc(DType::F32, {rows, c.in});
+        DeviceTensor cout = cpu.alloc(DType::F32, {rows, c.out});
+        cpu.add_rmsnorm_linear(cres, on(cpu, x, {rows, c.in}, DType::F32), on(cpu, nw, {c.in}, DType::F32),
+                               1e-5f, cl, cnorm, cout);
+        const DeviceTensor gx = on(gpu, x, {rows, c.in}, dt), gw = on(gpu, nw, {c.in}, dt);
+        std::vector<float> by_path[2];
+        for (bool fused : {true, false}) {
+          gpu.set_fused_prologues(fused);
+          DeviceTensor gres = on(gpu, res, {rows, c.in}, dt), gnorm = gpu.alloc(dt, {rows, c.in});
+          // Twice: the arrival counter must be back at zero after a launch for the next to write the
+          // residual.
+          for (int rep = 0; rep < 2; ++rep) {
+            if (rep == 1) gres = on(gpu, res, {rows, c.in}, dt);
+            Guarded g = guarded(gpu, dt, {rows, c.out});
+            gpu.add_rmsnorm_linear(gres, gx, gw, 1e-5f, gl, gnorm, g.view);
+            check_written(gpu, g);
+            by_path[fused] = values(gpu, g.view);
+            const std::string op = std::string(fused ? "fused" : "unfused") + " add_rmsnorm_linear";
+            CHECK(worst.add(op, dt, rel_error(by_path[fused], values(cpu, cout))) < tolerance(dt));
+            CHECK(worst.add(op + " residual", dt, rel_error(values(gpu, gres), values(cpu, cres))) <
+                  tolerance(dt));
+          }
+        }
+        CHECK(rel_error(by_path[1], by_path[0]) < tolerance(dt));
+
+        // silu_mul_linear: gate|up of the linear's inputs.
+        const auto gu = rounded(random_values(rng, rows * 2 * c.in, 2.f), dt);
+        DeviceTensor cact = cpu.alloc(DType::F32, {rows, c.in});
+        cpu.silu_mul_linear(on(cpu, gu, {rows, 2 * c.in}, DType::F32), cl, cact, cout);
+        const DeviceTensor ggu = on(gpu, gu, {rows, 2 * c.in}, dt);
+        for (bool fused : {true, false}) {
+          gpu.set_fused_prologues(fused);
+          DeviceTensor gact = gpu.alloc(dt, {rows, c.in});
+          Guarded g = guarded(gpu, dt, {rows, c.out});
+          gpu.silu_mul_linear(ggu, gl, gact, g.view);
+          check_written(gpu, g);
+          by_path[fused] = values(gpu, g.view);
+          const std::string op = std::string(fused ? "fused" : "unfused") + " silu_mul_linear";
+          CHECK(worst.add(op, dt, rel_error(by_path[fused], values(cpu, cout))) < tolerance(dt));
+        }
+        CHECK(rel_error(by_path[1], by_path[0]) < tolerance(dt));
+        gpu.set_fused_prologues(true);
+      }
     }
   }
   worst.report();

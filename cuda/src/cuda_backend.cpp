@@ -123,6 +123,9 @@ struct CudaState {
   // Arrival counters of the decode attention kernel's merges (kept zero between launches), sized at
   // construction for any plan on this device: a decode-step graph captures the pointer.
   DeviceTensor attn_counters;
+  // The arrival counter of the fused add_rmsnorm GEMVs (gemv_input.cuh; zero between launches).
+  DeviceTensor prologue_arrivals;
+  bool fuse_prologues = true;
 
   // Decode-step graphs (begin_graph_step), one per (sequences, block-table stride). The first step of a
   // shape runs eagerly and records the sizes of its allocations and metadata uploads; the second is
@@ -206,6 +209,8 @@ CudaBackend::CudaBackend(int device, std::optional<DType> activation)
   state_->attn_counters = pool_alloc(DType::I32, {cuda::attn_max_counter_ints(state_->sms)});
   LMD_CUDA_CHECK(
       cudaMemsetAsync(state_->attn_counters.data, 0, state_->attn_counters.nbytes(), state_->stream));
+  state_->prologue_arrivals = pool_alloc(DType::I32, {1});
+  LMD_CUDA_CHECK(cudaMemsetAsync(state_->prologue_arrivals.data, 0, sizeof(int32_t), state_->stream));
 }
 
 CudaBackend::~CudaBackend() {
@@ -215,6 +220,7 @@ CudaBackend::~CudaBackend() {
   state_->meta[1] = {};
   state_->w4_dense = {};
   state_->attn_counters = {};
+  state_->prologue_arrivals = {};
   for (auto& [key, g] : state_->graphs)
     if (g.exec) cudaGraphExecDestroy(g.exec);
   cublasDestroy(state_->cublas);
@@ -623,6 +629,62 @@ void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTen
   }
 }
 
+bool CudaBackend::fused_linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTensor& out,
+                               const cuda::GemvPrologue& pro) {
+  CudaState& st = *state_;
+  const int64_t in = w.in_features, outf = w.out_features, tokens = out.numel() / std::max<int64_t>(outf, 1);
+  if (!st.fuse_prologues || out.dim(-1) != outf || (!w.is_int4() && x.dtype != w.weight.dtype)) return false;
+  const bool dense = !w.is_int4() && tokens <= st.dense_gemv_max_rows &&
+                     cuda::dense_gemv_supported(x.dtype, out.dtype, int(tokens), int(in), pro.kind);
+  const bool int4 = w.is_int4() && tokens < st.w4_dense_from && out.dtype == x.dtype &&
+                    cuda::w4a16_prologue_supported(x.dtype, int(tokens), int(in));
+  if (!dense && !int4) return false;
+  if (tokens == 0 || replaying()) return true;
+  if (dense)
+    cuda::dense_gemv(x.dtype, out.dtype, nullptr, w.weight.data, int(tokens), int(in), int(outf), out.data,
+                     st.stream, pro);
+  else
+    cuda::w4a16_gemv(x.dtype, nullptr, int(in), w.group_size, w.qweight.as<int32_t>(), w.scales.data,
+                     cuda::w4a16_plan(int(tokens), int(in), int(outf)), nullptr, out.data, st.stream, pro);
+  if (!w.bias.empty()) {
+    require_same(x, w.bias, "linear bias");
+    cuda::add_bias(x.dtype, out.data, w.bias.data, tokens, int(outf), st.stream);
+  }
+  return true;
+}
+
+void CudaBackend::add_rmsnorm_linear(DeviceTensor& residual, const DeviceTensor& x,
+                                     const DeviceTensor& weight, float eps, const DeviceLinear& w,
+                                     DeviceTensor& normed, DeviceTensor& out) {
+  require_same(x, residual, "add_rmsnorm_linear");
+  require_same(x, weight, "add_rmsnorm_linear");
+  if (x.dim(-1) == w.in_features && residual.numel() == x.numel() && weight.numel() == w.in_features &&
+      out.numel() / std::max<int64_t>(w.out_features, 1) == x.numel() / x.dim(-1)) {
+    cuda::GemvPrologue pro;
+    pro.kind = cuda::GemvPrologueKind::AddNorm;
+    pro.src = x.data;
+    pro.residual = residual.data;
+    pro.norm_weight = weight.data;
+    pro.eps = eps;
+    pro.arrivals = state_->prologue_arrivals.as<unsigned>();
+    if (fused_linear(x, w, out, pro)) return;
+  }
+  Backend::add_rmsnorm_linear(residual, x, weight, eps, w, normed, out);
+}
+
+void CudaBackend::silu_mul_linear(const DeviceTensor& gate_up, const DeviceLinear& w, DeviceTensor& act,
+                                  DeviceTensor& out) {
+  if (gate_up.dim(-1) == 2 * w.in_features &&
+      out.numel() / std::max<int64_t>(w.out_features, 1) == gate_up.numel() / gate_up.dim(-1)) {
+    cuda::GemvPrologue pro;
+    pro.kind = cuda::GemvPrologueKind::SiluMul;
+    pro.src = gate_up.data;
+    if (fused_linear(gate_up, w, out, pro)) return;
+  }
+  Backend::silu_mul_linear(gate_up, w, act, out);
+}
+
+void CudaBackend::set_fused_prologues(bool on) { state_->fuse_prologues = on; }
 void CudaBackend::set_w4a16_dense_from(int rows) { state_->w4_dense_from = rows; }
 void CudaBackend::set_dense_gemv_max_rows(int rows) {
   state_->dense_gemv_max_rows = std::min(rows, cuda::kDenseGemvMaxRows);

@@ -2,8 +2,11 @@
 // Llama-2-7B layer at one row (docs/benchmarks.md); a decode step reads every weight once, so that
 // shortfall is most of the gap to the bound. This kernel gives each output row to one warp, which
 // streams the row with 16-byte loads, eight per lane in flight, and keeps the few activation rows in L1.
+#include <type_traits>
+
 #include "cuda_check.h"
 #include "device_types.cuh"
+#include "gemv_input.cuh"
 #include "kernels.h"
 #include "launch.cuh"
 
@@ -33,11 +36,13 @@ __device__ __forceinline__ float dot8(const uint4& w, const uint4& x, float acc)
   return acc;
 }
 
-// out[m, n] = sum_k x[m, k] w[n, k] for m < MR; one warp per n. K % 8 == 0.
-template <class T, class TOut, int MR>
+// out[m, n] = sum_k x[m, k] w[n, k] for m < MR; one warp per n. K % 8 == 0. With a prologue P the block
+// first stages the input rows in shared memory (gemv_input.cuh) and reads x there.
+template <class T, class TOut, int MR, GemvPrologueKind P>
 __global__ void __launch_bounds__(kWarps * 32)
-    dense_gemv_kernel(const T* __restrict__ x, const T* __restrict__ w, int K, int N,
-                      TOut* __restrict__ out) {
+    dense_gemv_kernel(const T* __restrict__ x, const T* __restrict__ w, int K, int N, TOut* __restrict__ out,
+                      PrologueArgs<T> pro) {
+  extern __shared__ uint4 staged[];
   chain_release();
   const int lane = threadIdx.x % 32, n = blockIdx.x * kWarps + threadIdx.x / 32;
   const int vecs = K / 8;
@@ -54,7 +59,18 @@ __global__ void __launch_bounds__(kWarps * 32)
   // The first weights are requested before waiting for the kernel that writes x.
   load(lane);
   chain_wait();
+  if constexpr (P != GemvPrologueKind::None) {
+    stage_gemv_input<P>(pro, MR, K, reinterpret_cast<T*>(staged));
+    x = reinterpret_cast<const T*>(staged);
+  }
   if (n >= N) return;
+  auto x_vec = [&](int m, int i) {
+    const uint4* xr = reinterpret_cast<const uint4*>(x + int64_t(m) * K) + i;
+    if constexpr (P == GemvPrologueKind::None)
+      return __ldg(xr);
+    else
+      return *xr;
+  };
   float acc[MR] = {};
   for (int base = lane; base < vecs; base += 32 * kInFlight) {
     if (base != lane) load(base);
@@ -63,8 +79,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       const int i = base + 32 * u;
       if (i >= vecs) break;
 #pragma unroll
-      for (int m = 0; m < MR; ++m)
-        acc[m] = dot8<T>(wv[u], __ldg(reinterpret_cast<const uint4*>(x + int64_t(m) * K) + i), acc[m]);
+      for (int m = 0; m < MR; ++m) acc[m] = dot8<T>(wv[u], x_vec(m, i), acc[m]);
     }
   }
 #pragma unroll
@@ -76,35 +91,52 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 }  // namespace
 
-bool dense_gemv_supported(DType dtype, DType out_dtype, int rows, int K) {
+bool dense_gemv_supported(DType dtype, DType out_dtype, int rows, int K, GemvPrologueKind pro) {
   return (dtype == DType::F16 || dtype == DType::BF16) && (out_dtype == dtype || out_dtype == DType::F32) &&
-         rows >= 1 && rows <= kDenseGemvMaxRows && K % 8 == 0;
+         rows >= 1 && rows <= kDenseGemvMaxRows && K % 8 == 0 &&
+         (pro == GemvPrologueKind::None || int64_t(rows) * K * 2 <= kGemvPrologueMaxBytes);
 }
 
 void dense_gemv(DType dtype, DType out_dtype, const void* x, const void* w, int rows, int K, int N, void* out,
-                cudaStream_t stream) {
-  if (!dense_gemv_supported(dtype, out_dtype, rows, K))
+                cudaStream_t stream, const GemvPrologue& pro) {
+  if (!dense_gemv_supported(dtype, out_dtype, rows, K, pro.kind))
     fail("dense GEMV: unsupported case (", dtype_name(dtype), " -> ", dtype_name(out_dtype), ", ", rows,
          " rows, ", K, " inputs)");
   const int blocks = (N + kWarps - 1) / kWarps;
+  const size_t smem = pro.kind == GemvPrologueKind::None ? 0 : size_t(rows) * K * dtype_size(dtype);
   auto run = [&](auto tag, auto out_tag) {
     using T = decltype(tag);
     using TOut = decltype(out_tag);
-    auto launch = [&](auto kernel) {
-      launch_chained(kernel, blocks, kWarps * 32, 0, stream, x, w, K, N, out);
+    auto launch = [&](auto rows_tag) {
+      constexpr int MR = decltype(rows_tag)::value;
+      auto go = [&](auto kernel) {
+        launch_chained(kernel, blocks, kWarps * 32, smem, stream, static_cast<const T*>(x),
+                       static_cast<const T*>(w), K, N, static_cast<TOut*>(out), prologue_args<T>(pro));
+      };
+      switch (pro.kind) {
+        case GemvPrologueKind::None:
+          go(dense_gemv_kernel<T, TOut, MR, GemvPrologueKind::None>);
+          break;
+        case GemvPrologueKind::AddNorm:
+          go(dense_gemv_kernel<T, TOut, MR, GemvPrologueKind::AddNorm>);
+          break;
+        case GemvPrologueKind::SiluMul:
+          go(dense_gemv_kernel<T, TOut, MR, GemvPrologueKind::SiluMul>);
+          break;
+      }
     };
     switch (rows) {
       case 1:
-        launch(dense_gemv_kernel<T, TOut, 1>);
+        launch(std::integral_constant<int, 1>{});
         break;
       case 2:
-        launch(dense_gemv_kernel<T, TOut, 2>);
+        launch(std::integral_constant<int, 2>{});
         break;
       case 3:
-        launch(dense_gemv_kernel<T, TOut, 3>);
+        launch(std::integral_constant<int, 3>{});
         break;
       default:
-        launch(dense_gemv_kernel<T, TOut, 4>);
+        launch(std::integral_constant<int, 4>{});
         break;
     }
   };

@@ -12,14 +12,30 @@ namespace lmd::cuda {
 // out[i] = src[rows[i]] for rows of `row_bytes` bytes.
 void gather_rows(const void* src, const int* rows, int n, int64_t row_bytes, void* out, cudaStream_t stream);
 
+// The element-wise op a small-batch GEMV may do itself before its product (gemv_input.cuh): None (x is
+// the input), AddNorm (residual += src; x = rmsnorm(residual) * norm_weight: add_rmsnorm_linear) or
+// SiluMul (x = silu(src[:, :K]) * src[:, K:]: silu_mul_linear).
+enum class GemvPrologueKind { None, AddNorm, SiluMul };
+struct GemvPrologue {
+  GemvPrologueKind kind = GemvPrologueKind::None;
+  const void* src = nullptr;  // AddNorm: the delta [rows, K]; SiluMul: gate_up [rows, 2K]
+  void* residual = nullptr;   // AddNorm [rows, K]
+  const void* norm_weight = nullptr;
+  float eps = 0;
+  unsigned* arrivals = nullptr;  // AddNorm: a counter that is zero between launches (each launch resets it)
+};
+// Shared memory a fused prologue may take for the staged input rows: the fused GEMVs run only where the
+// rows fit (batch 1-2 at K = 11008, up to 4 at K = 4096), and the unfused ops beyond.
+inline constexpr int kGemvPrologueMaxBytes = 44 * 1024;
+
 // out[rows, N] = x[rows, K] w[N, K]^T for 16-bit x and w, in the input dtype or fp32 (the logits): the
 // small-batch path of dense linears (dense_gemv.cu) for up to kDenseGemvMaxRows rows. By default it
 // runs one row: at 2-4 rows cuBLAS was faster on an H100 (5.15 vs 5.36 ms over a Llama-2-7B layer set at
-// 2 rows, lmd_bench_w4a16).
+// 2 rows, lmd_bench_w4a16). With a prologue, x is unused and the input rows come from `pro`.
 inline constexpr int kDenseGemvMaxRows = 4, kDenseGemvDefaultRows = 1;
-bool dense_gemv_supported(DType dtype, DType out_dtype, int rows, int K);
+bool dense_gemv_supported(DType dtype, DType out_dtype, int rows, int K, GemvPrologueKind pro = {});
 void dense_gemv(DType dtype, DType out_dtype, const void* x, const void* w, int rows, int K, int N, void* out,
-                cudaStream_t stream);
+                cudaStream_t stream, const GemvPrologue& pro = {});
 
 // out = x / rms(x) * w per row of n; when `residual` is set, residual += x first and the sum (rounded
 // to dtype) is normalised.

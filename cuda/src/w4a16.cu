@@ -5,6 +5,7 @@
 
 #include "cuda_check.h"
 #include "device_types.cuh"
+#include "gemv_input.cuh"
 #include "launch.cuh"
 #include "mma.cuh"
 #include "w4a16.h"
@@ -154,10 +155,16 @@ constexpr int kTilesPerWarp = 8;  // one round where the strip has enough of the
 __host__ __device__ constexpr int max_warps(int mt) { return mt == 2 ? 16 : 8; }
 __host__ __device__ constexpr int min_blocks(int mt) { return mt == 1 ? 2 : 1; }
 
-// x row mt * 8 + g of the 16 inputs this lane multiplies in tile kt (zero for rows >= M).
+// x row mt * 8 + g of the 16 inputs this lane multiplies in tile kt (zero for rows >= M); `staged`: x is
+// the fp16 rows a prologue put in shared memory.
 template <class T>
-__device__ __forceinline__ void load_x(const T* x, int M, int K, int row, int k, uint32_t (&b)[8]) {
-  if (row < M) {
+__device__ __forceinline__ void load_x(const T* x, const __half* staged, int M, int K, int row, int k,
+                                       uint32_t (&b)[8]) {
+  if (row < M && staged != nullptr) {
+    const uint4* src = reinterpret_cast<const uint4*>(staged + int64_t(row) * K + k);
+    const uint4 lo = src[0], hi = src[1];
+    b[0] = lo.x, b[1] = lo.y, b[2] = lo.z, b[3] = lo.w, b[4] = hi.x, b[5] = hi.y, b[6] = hi.z, b[7] = hi.w;
+  } else if (row < M) {
     load_half16(x + int64_t(row) * K + k, b);
   } else {
 #pragma unroll
@@ -166,13 +173,15 @@ __device__ __forceinline__ void load_x(const T* x, int M, int K, int row, int k,
 }
 
 // Grid N / 16 blocks of `warps` warps. Block nt computes outputs [16 nt, 16 nt + 16) for all M <= 8 MT
-// rows; warp w covers input tiles [w * tiles_per_warp, +tiles_per_warp).
-template <class T, int MT>
+// rows; warp w covers input tiles [w * tiles_per_warp, +tiles_per_warp). With a prologue P (one row tile
+// only) the block first stages the input rows in shared memory as fp16, after the warps' sums.
+template <class T, int MT, GemvPrologueKind P>
 __global__ void __launch_bounds__(max_warps(MT) * 32, min_blocks(MT))
     gemv_kernel(const T* __restrict__ x, int M, int K, int N, int group_shift,
                 const uint4* __restrict__ qweight, const uint2* __restrict__ meta, int tiles_per_warp,
-                T* __restrict__ out) {
-  extern __shared__ float partial[];  // [warps][MT][4 values][32 lanes]
+                T* __restrict__ out, PrologueArgs<T> pro, int partial_bytes) {
+  extern __shared__ float partial[];  // [warps][MT][4 values][32 lanes], then the staged rows
+  static_assert(P == GemvPrologueKind::None || MT == 1);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int nt = blockIdx.x, NT = N / 16, KT = K / 64;
   const int kt_begin = warp * tiles_per_warp, kt_end = min(KT, kt_begin + tiles_per_warp);
@@ -193,6 +202,11 @@ __global__ void __launch_bounds__(max_warps(MT) * 32, min_blocks(MT))
 #pragma unroll
   for (int d = 0; d < kTilesPerRound; ++d) load(kt_begin + d, d);
   chain_wait();
+  __half* staged = nullptr;
+  if constexpr (P != GemvPrologueKind::None) {
+    staged = reinterpret_cast<__half*>(reinterpret_cast<char*>(partial) + partial_bytes);
+    stage_gemv_input<P>(pro, M, K, staged);
+  }
 
   // Accumulator value v of lane (g, t): output 16 nt + g + 8 (v >> 1), row mt * 8 + 2t + (v & 1). An mma
   // waits for the one before it on the same accumulators, so the steps of a tile rotate over kChains sets.
@@ -203,7 +217,7 @@ __global__ void __launch_bounds__(max_warps(MT) * 32, min_blocks(MT))
   uint32_t xs[2][kEarlyX][8];
   if constexpr (MT <= 2)
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) load_x(x, M, K, mt * 8 + g, kt_begin * 64 + 16 * t, xs[0][mt]);
+    for (int mt = 0; mt < MT; ++mt) load_x(x, staged, M, K, mt * 8 + g, kt_begin * 64 + 16 * t, xs[0][mt]);
   for (int base = kt_begin; base < kt_end; base += kTilesPerRound) {
 #pragma unroll
     for (int d = 0; d < kTilesPerRound; ++d) {
@@ -216,7 +230,7 @@ __global__ void __launch_bounds__(max_warps(MT) * 32, min_blocks(MT))
         if (kt + 1 < kt_end)
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt)
-            load_x(x, M, K, mt * 8 + g, (kt + 1) * 64 + 16 * t, xs[(d + 1) & 1][mt]);
+            load_x(x, staged, M, K, mt * 8 + g, (kt + 1) * 64 + 16 * t, xs[(d + 1) & 1][mt]);
       uint32_t a[4][4];
       dequant_tile(w[d], m[d], a);
       // The slot is free: request the tile kTilesPerRound ahead, so that each warp keeps its loads in
@@ -224,7 +238,7 @@ __global__ void __launch_bounds__(max_warps(MT) * 32, min_blocks(MT))
       load(kt + kTilesPerRound, d);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        if constexpr (MT > 2) load_x(x, M, K, mt * 8 + g, kt * 64 + 16 * t, b[0]);
+        if constexpr (MT > 2) load_x(x, staged, M, K, mt * 8 + g, kt * 64 + 16 * t, b[0]);
         const uint32_t(&bm)[8] = b[MT <= 2 ? mt : 0];
 #pragma unroll
         for (int s = 0; s < 4; ++s) Mma<__half>::run(acc[mt][s % kChains], a[s], bm[2 * s], bm[2 * s + 1]);
@@ -418,9 +432,17 @@ W4Plan w4a16_plan(int M, int K, int N) {
   return p;
 }
 
+bool w4a16_prologue_supported(DType dtype, int M, int K) {
+  return (dtype == DType::F16 || dtype == DType::BF16) && M >= 1 && row_tiles(M) == 1 &&
+         int64_t(M) * K * 2 <= kGemvPrologueMaxBytes;
+}
+
 void w4a16_gemv(DType dtype, const void* x, int K, int group, const int32_t* qweight, const void* meta,
-                const W4Plan& plan, void* x_fragments, void* out, cudaStream_t stream) {
+                const W4Plan& plan, void* x_fragments, void* out, cudaStream_t stream,
+                const GemvPrologue& pro) {
   if (plan.M < 1) fail("W4A16 GEMV: ", plan.M, " rows");
+  if (pro.kind != GemvPrologueKind::None && !w4a16_prologue_supported(dtype, plan.M, K))
+    fail("W4A16 GEMV: no fused prologue for ", plan.M, " rows of ", K, " ", dtype_name(dtype), " inputs");
   const int group_shift = __builtin_ctz(unsigned(group)), mt = row_tiles(std::min(plan.M, kW4GemvChunkRows));
   auto* xf = static_cast<uint4*>(x_fragments);
   dispatch_float(dtype, [&](auto tag) {
@@ -430,10 +452,11 @@ void w4a16_gemv(DType dtype, const void* x, int K, int group, const int32_t* qwe
       const int rows = std::min(kW4GemvChunkRows, plan.M - row);
       const T* xc = static_cast<const T*>(x) + int64_t(row) * K;
       T* oc = static_cast<T*>(out) + int64_t(row) * plan.N;
-      auto launch = [&](auto kernel) {
-        launch_chained(kernel, plan.N / 16, plan.warps * 32, plan.smem_bytes, stream, xc, rows, K, plan.N,
-                       group_shift, reinterpret_cast<const uint4*>(qweight), static_cast<const uint2*>(meta),
-                       plan.tiles_per_warp, oc);
+      auto launch = [&](auto kernel, size_t staged_bytes = 0) {
+        launch_chained(kernel, plan.N / 16, plan.warps * 32, plan.smem_bytes + staged_bytes, stream, xc, rows,
+                       K, plan.N, group_shift, reinterpret_cast<const uint4*>(qweight),
+                       static_cast<const uint2*>(meta), plan.tiles_per_warp, oc, prologue_args<T>(pro),
+                       plan.smem_bytes);
       };
       auto launch_wide = [&](auto kernel) {
         launch_chained(fragment_x_kernel<T>, grid_for(int64_t(mt) * (K / 64) * 64, 256), 256, 0, stream, xc,
@@ -443,15 +466,26 @@ void w4a16_gemv(DType dtype, const void* x, int K, int group, const int32_t* qwe
                        reinterpret_cast<const uint4*>(qweight), static_cast<const uint2*>(meta),
                        plan.tiles_per_warp, oc);
       };
+      const size_t staged = size_t(rows) * K * sizeof(__half);
+      if constexpr (sizeof(T) == 2) {  // fused prologues take 16-bit activations only
+        if (pro.kind == GemvPrologueKind::AddNorm) {
+          launch(gemv_kernel<T, 1, GemvPrologueKind::AddNorm>, staged);
+          continue;
+        }
+        if (pro.kind == GemvPrologueKind::SiluMul) {
+          launch(gemv_kernel<T, 1, GemvPrologueKind::SiluMul>, staged);
+          continue;
+        }
+      }
       switch (mt) {
         case 1:
-          launch(gemv_kernel<T, 1>);
+          launch(gemv_kernel<T, 1, GemvPrologueKind::None>);
           break;
         case 2:
-          launch(gemv_kernel<T, 2>);
+          launch(gemv_kernel<T, 2, GemvPrologueKind::None>);
           break;
         case 4:
-          launch(gemv_kernel<T, 4>);
+          launch(gemv_kernel<T, 4, GemvPrologueKind::None>);
           break;
         default:
           launch_wide(gemv_wide_kernel<T, 8>);

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 
+#include "kernels.h"
 #include "lmd/core/dtype.h"
 
 namespace lmd::cuda {
@@ -42,8 +43,11 @@ inline constexpr int kW4GemvChunkRows = 64;
 
 // out[M, N] = x[M, K] W^T in `dtype` (F16, BF16 or F32; weights and x meet in fp16 on the tensor cores,
 // accumulation in fp32). x_fragments: device workspace of kW4GemvChunkRows * K fp16 (plan.wide only).
+// With a prologue (where w4a16_prologue_supported), x is unused and the input rows come from `pro`.
+bool w4a16_prologue_supported(DType dtype, int M, int K);
 void w4a16_gemv(DType dtype, const void* x, int K, int group, const int32_t* qweight, const void* meta,
-                const W4Plan& plan, void* x_fragments, void* out, cudaStream_t stream);
+                const W4Plan& plan, void* x_fragments, void* out, cudaStream_t stream,
+                const GemvPrologue& pro = {});
 
 // The dense weight [N, K] in `dtype` (for cuBLAS at larger M): (q - zero) * scale, rounded once.
 void w4a16_dequantize(DType dtype, int K, int N, int group, const int32_t* qweight, const void* meta,

@@ -187,15 +187,21 @@ DeviceTensor Model::run_step(const std::vector<int>& ids, const BatchLayout& bat
     if (observer_) observer_(layer, point, t);
   };
   be.embedding(embed_, ids, residual);
+  // Observers read the norms' and the activation's outputs, which the fused ops need not write.
+  const bool fused = !observer_;
   for (int l = 0; l < spec_.layers; ++l) {
     const ModelLayer& layer = layers_[l];
     if (l == 0) {
       be.rmsnorm(residual, layer.attn_norm, spec_.norm_eps, normed);
+      observe(l, "attention_norm", normed);
+      be.linear(normed, layer.qkv, qkv);
+    } else if (fused) {
+      be.add_rmsnorm_linear(residual, proj, layer.attn_norm, spec_.norm_eps, layer.qkv, normed, qkv);
     } else {
       be.add_rmsnorm(residual, proj, layer.attn_norm, spec_.norm_eps, normed);
+      observe(l, "attention_norm", normed);
+      be.linear(normed, layer.qkv, qkv);
     }
-    observe(l, "attention_norm", normed);
-    be.linear(normed, layer.qkv, qkv);
     observe(l, "qkv", qkv);
     be.rope_kv_write(qkv, batch, l, heads, rope, cache);
     observe(l, "qkv_rope", qkv);
@@ -203,6 +209,11 @@ DeviceTensor Model::run_step(const std::vector<int>& ids, const BatchLayout& bat
     observe(l, "attention", attn);
     be.linear(attn, layer.o, proj);
     observe(l, "o", proj);
+    if (fused) {
+      be.add_rmsnorm_linear(residual, proj, layer.ffn_norm, spec_.norm_eps, layer.gate_up, normed, gate_up);
+      be.silu_mul_linear(gate_up, layer.down, act, proj);
+      continue;
+    }
     be.add_rmsnorm(residual, proj, layer.ffn_norm, spec_.norm_eps, normed);
     observe(l, "ffn_norm", normed);
     be.linear(normed, layer.gate_up, gate_up);

@@ -9,6 +9,10 @@
 
 #include "lmd/engine/backend.h"
 
+namespace lmd::cuda {
+struct GemvPrologue;
+}
+
 namespace lmd {
 
 // True when a CUDA driver and at least one device are present; never throws.
@@ -53,6 +57,12 @@ class CudaBackend final : public Backend {
   void attention(const DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
                  const KvCacheStorage& cache, DeviceTensor& out) override;
   void silu_mul(const DeviceTensor& gate_up, DeviceTensor& out) override;
+  // A few rows (batch-1/2 decode): one GEMV kernel whose blocks do the element-wise op themselves
+  // (cuda/src/gemv_input.cuh); otherwise the two ops.
+  void add_rmsnorm_linear(DeviceTensor& residual, const DeviceTensor& x, const DeviceTensor& weight,
+                          float eps, const DeviceLinear& w, DeviceTensor& normed, DeviceTensor& out) override;
+  void silu_mul_linear(const DeviceTensor& gate_up, const DeviceLinear& w, DeviceTensor& act,
+                       DeviceTensor& out) override;
   void gather_rows(const DeviceTensor& x, const std::vector<int>& rows, DeviceTensor& out) override;
   void greedy(const DeviceTensor& logits, DeviceTensor& out) override;
   void sample(const DeviceTensor& logits, const std::vector<SampleRow>& rows, DeviceTensor& out) override;
@@ -65,6 +75,8 @@ class CudaBackend final : public Backend {
   // tensor-core GEMV (64 rows a launch). The default is the measured crossover; tests and benchmarks
   // force each path with this.
   void set_w4a16_dense_from(int rows);
+  // false: the fused ops always run as their two ops (tests and benchmarks compare the two).
+  void set_fused_prologues(bool on);
   // 16-bit dense linears of at most `rows` rows (default 1, capped at 4) run the warp-per-output GEMV,
   // larger ones cuBLAS; 0 forces cuBLAS everywhere (tests and benchmarks compare the two).
   void set_dense_gemv_max_rows(int rows);
@@ -90,6 +102,10 @@ class CudaBackend final : public Backend {
   // the graph's metadata buffer, uploaded by end_graph_step.
   const int* stage(const std::vector<int>& values, DeviceTensor& keep);
   DeviceTensor pool_alloc(DType dtype, Shape shape);
+  // Queues linear(input rows made by `pro`, w) -> out as one fused GEMV when a GEMV path takes the rows
+  // and the prologue; false (nothing queued) otherwise. x: the op's input, for its dtype.
+  bool fused_linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTensor& out,
+                    const cuda::GemvPrologue& pro);
   // True while a graph step replays: ops plan but launch nothing.
   bool replaying() const;
 

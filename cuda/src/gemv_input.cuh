@@ -1,0 +1,110 @@
+// The element-wise op before a small-batch GEMV, done by the GEMV's blocks themselves (the fused
+// prologues of add_rmsnorm_linear and silu_mul_linear). In a batch-1 decode step every add_rmsnorm and
+// silu_mul is a kernel of its own between two GEMVs: a few microseconds of launch, one memory round trip
+// and a grid-wide wait, 97 times a Llama-2-7B step. Here each block computes the GEMV's input rows into
+// shared memory instead, after requesting its first weights, so that work overlaps the weight stream.
+// The rows are small (a block reads 8-66 KB from L2), but every block reads them: only for a few rows.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "device_types.cuh"
+#include "kernels.h"
+
+namespace lmd::cuda {
+
+// The fused op's inputs, converted to element pointers of T.
+template <class T>
+struct PrologueArgs {
+  const T* src;  // AddNorm: the delta [M, K] added to the residual; SiluMul: gate_up [M, 2K]
+  T* residual;   // AddNorm: [M, K]
+  const T* norm_weight;
+  float eps;
+  unsigned* arrivals;
+};
+
+template <class T>
+__host__ __device__ inline PrologueArgs<T> prologue_args(const GemvPrologue& p) {
+  return {static_cast<const T*>(p.src), static_cast<T*>(p.residual), static_cast<const T*>(p.norm_weight),
+          p.eps, p.arrivals};
+}
+
+template <class T>
+struct alignas(16) Pack8 {
+  T v[8];
+};
+
+// Rows [M, K] of the GEMV input into xs (shared memory, element type S: T for the dense GEMV, fp16 for
+// the int4 one), rounded as the unfused ops round them. K % 8 == 0; all threads of the block call it.
+//   SiluMul: xs = silu(gate) * up, as silu_mul_kernel computes it.
+//   AddNorm: h = residual + delta (rounded to T), xs = h / rms(h) * norm_weight as rmsnorm_kernel computes
+//   it (the same per-thread pack order and warp-ordered sum, so with 256 threads the same bits). The block
+//   that finishes staging last writes h back to the residual: by then every block has read it.
+template <GemvPrologueKind P, class T, class S>
+__device__ void stage_gemv_input(const PrologueArgs<T>& a, int M, int K, S* xs) {
+  const int packs = K / 8;
+  if constexpr (P == GemvPrologueKind::SiluMul) {
+    for (int e = threadIdx.x; e < M * packs; e += blockDim.x) {
+      const int m = e / packs, i = e % packs;
+      const Pack8<T> g = reinterpret_cast<const Pack8<T>*>(a.src + int64_t(m) * 2 * K)[i];
+      const Pack8<T> u = reinterpret_cast<const Pack8<T>*>(a.src + int64_t(m) * 2 * K + K)[i];
+      Pack8<S> o;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float gv = to_f32(g.v[j]);
+        o.v[j] = from_f32<S>(to_f32(from_f32<T>(gv / (1.f + expf(-gv)) * to_f32(u.v[j]))));
+      }
+      reinterpret_cast<Pack8<S>*>(xs + int64_t(m) * K)[i] = o;
+    }
+    __syncthreads();
+  } else {
+    __shared__ float partial[32];
+    __shared__ bool last;
+    const int warps = blockDim.x / 32;
+    auto sum_row = [&](int m, int i) {
+      const Pack8<T> r = reinterpret_cast<const Pack8<T>*>(a.residual + int64_t(m) * K)[i];
+      const Pack8<T> d = reinterpret_cast<const Pack8<T>*>(a.src + int64_t(m) * K)[i];
+      Pack8<T> h;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) h.v[j] = from_f32<T>(to_f32(r.v[j]) + to_f32(d.v[j]));
+      return h;
+    };
+    for (int m = 0; m < M; ++m) {
+      float ss = 0.f;
+      for (int i = threadIdx.x; i < packs; i += blockDim.x) {
+        const Pack8<T> h = sum_row(m, i);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) ss += to_f32(h.v[j]) * to_f32(h.v[j]);
+      }
+      ss = warp_sum(ss);
+      if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
+      __syncthreads();
+      float total = 0.f;
+      for (int w = 0; w < warps; ++w) total += partial[w];
+      const float inv = rsqrtf(total / K + a.eps);
+      for (int i = threadIdx.x; i < packs; i += blockDim.x) {
+        const Pack8<T> h = sum_row(m, i), w = reinterpret_cast<const Pack8<T>*>(a.norm_weight)[i];
+        Pack8<S> o;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          o.v[j] = from_f32<S>(to_f32(from_f32<T>(to_f32(h.v[j]) * inv * to_f32(w.v[j]))));
+        reinterpret_cast<Pack8<S>*>(xs + int64_t(m) * K)[i] = o;
+      }
+      __syncthreads();  // partial is reused by the next row
+    }
+    if (threadIdx.x == 0) {
+      __threadfence();
+      last = atomicAdd(a.arrivals, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (last) {
+      for (int e = threadIdx.x; e < M * packs; e += blockDim.x) {
+        const int m = e / packs, i = e % packs;
+        const Pack8<T> h = sum_row(m, i);
+        reinterpret_cast<Pack8<T>*>(a.residual + int64_t(m) * K)[i] = h;
+      }
+      if (threadIdx.x == 0) *a.arrivals = 0;  // every block has arrived: ready for the next launch
+    }
+  }
+}
+
+}  // namespace lmd::cuda
