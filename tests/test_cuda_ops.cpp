@@ -568,17 +568,22 @@ TEST_CASE("cuda: wt2-llama-22m logits and greedy ids match transformers", "[gpu]
   CudaBackend gpu;
   auto model = Model::load(dir, gpu);
   REQUIRE(model->activation_dtype() == DType::F16);
-  for (const auto& [prompt, data] : ref["prompts"].items()) {
-    INFO(prompt);
-    const std::vector<int> ids = data["input_ids"];
-    const std::vector<float> expected = data["last_logits"];
-    const std::vector<int> greedy32 = data["greedy32"];
-    const Greedy g = greedy(*model, ids, int(greedy32.size()));
-    const double err = test::rel_error(g.logits[0], expected);
-    WARN("wt2-llama-22m fp16 last-logit relative error " << err);
-    CHECK(err < 1e-2);
-    const int same = check_greedy(g, greedy32, 0.05f);
-    WARN("wt2-llama-22m fp16: " << same << " of " << greedy32.size() << " greedy ids match");
+  // Decode steps as two ops per norm and SwiGLU, then fused into the GEMVs.
+  for (bool fused : {false, true}) {
+    gpu.set_fused_prologues(fused);
+    const char* how = fused ? " (fused)" : "";
+    for (const auto& [prompt, data] : ref["prompts"].items()) {
+      INFO(prompt << how);
+      const std::vector<int> ids = data["input_ids"];
+      const std::vector<float> expected = data["last_logits"];
+      const std::vector<int> greedy32 = data["greedy32"];
+      const Greedy g = greedy(*model, ids, int(greedy32.size()));
+      const double err = test::rel_error(g.logits[0], expected);
+      WARN("wt2-llama-22m fp16" << how << " last-logit relative error " << err);
+      CHECK(err < 1e-2);
+      const int same = check_greedy(g, greedy32, 0.05f);
+      WARN("wt2-llama-22m fp16" << how << ": " << same << " of " << greedy32.size() << " greedy ids match");
+    }
   }
 }
 

@@ -96,15 +96,18 @@ TEST_CASE("cuda w4a16: an int4 wt2-llama-22m follows the CPU backend", "[gpu][w4
   std::vector<int> ids(prompt);
   for (int& t : ids) t = 3 + int(rng() % 31000);
   int context = 0;
-  // The prompt (37 rows, all logits), then single-token decode steps fed with the CPU's greedy choice.
+  // The prompt (37 rows, all logits), then single-token decode steps fed with the CPU's greedy choice
+  // (graph steps from the second); the last three with the norms and SwiGLU fused into the int4 GEMVs.
   for (int step = 0; step <= steps; ++step) {
+    gpu.set_fused_prologues(step > steps / 2);
     BatchLayout batch;
     batch.seqs.push_back({0, int(ids.size()), context, blocks});
     const std::vector<float> gl = gm.forward(ids, batch, gc, step == 0),
                              cl = cm.forward(ids, batch, cc, step == 0);
     const double err = rel_error(gl, cl);
     INFO("step " << step);
-    WARN("int4 wt2-llama-22m, CUDA fp16 vs CPU fp32, step " << step << ": logits relative error " << err);
+    WARN("int4 wt2-llama-22m, CUDA fp16 vs CPU fp32, step " << step << (step > steps / 2 ? " (fused)" : "")
+                                                            << ": logits relative error " << err);
     CHECK(err < 1e-2);
     context += int(ids.size());
     ids = {int(std::max_element(cl.end() - spec.vocab, cl.end()) - (cl.end() - spec.vocab))};

@@ -6,10 +6,12 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <sstream>
+#include <string_view>
 
 #include "attn_plan.h"
 #include "cuda_check.h"
@@ -125,7 +127,12 @@ struct CudaState {
   DeviceTensor attn_counters;
   // The arrival counter of the fused add_rmsnorm GEMVs (gemv_input.cuh; zero between launches).
   DeviceTensor prologue_arrivals;
-  bool fuse_prologues = true;
+  // Off unless LMD_FUSED_PROLOGUES=1: the fused GEMVs were written in a session without a GPU and have
+  // not yet been run (their test, "cuda: add_rmsnorm_linear and silu_mul_linear ...", turns them on).
+  bool fuse_prologues = [] {
+    const char* env = std::getenv("LMD_FUSED_PROLOGUES");
+    return env != nullptr && std::string_view(env) == "1";
+  }();
 
   // Decode-step graphs (begin_graph_step), one per (sequences, block-table stride). The first step of a
   // shape runs eagerly and records the sizes of its allocations and metadata uploads; the second is
@@ -684,7 +691,17 @@ void CudaBackend::silu_mul_linear(const DeviceTensor& gate_up, const DeviceLinea
   Backend::silu_mul_linear(gate_up, w, act, out);
 }
 
-void CudaBackend::set_fused_prologues(bool on) { state_->fuse_prologues = on; }
+void CudaBackend::set_fused_prologues(bool on) {
+  CudaState& st = *state_;
+  if (st.mode != CudaState::Mode::Eager) fail("set_fused_prologues inside a graph step");
+  if (on == st.fuse_prologues) return;
+  st.fuse_prologues = on;
+  // The captured decode steps launch the kernels chosen before: they are captured again.
+  LMD_CUDA_CHECK(cudaStreamSynchronize(st.stream));
+  for (auto& [key, g] : st.graphs)
+    if (g.exec) cudaGraphExecDestroy(g.exec);
+  st.graphs.clear();
+}
 void CudaBackend::set_w4a16_dense_from(int rows) { state_->w4_dense_from = rows; }
 void CudaBackend::set_dense_gemv_max_rows(int rows) {
   state_->dense_gemv_max_rows = std::min(rows, cuda::kDenseGemvMaxRows);

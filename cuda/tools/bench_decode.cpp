@@ -159,6 +159,7 @@ int main(int argc, char** argv) try {
     DeviceTensor &res = b[0], &normed = b[1], &qkv = b[2], &attn = b[3], &proj = b[4], &gu = b[5],
                  &act = b[6];
     const BatchLayout batch = decode_batch(tokens, ctx);
+    be.set_fused_prologues(ops & kFused);
     for (int l = 0; l < kLayers; ++l) {
       const Layer& y = layers[l];
       if (ops & kFused) {

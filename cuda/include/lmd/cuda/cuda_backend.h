@@ -75,7 +75,9 @@ class CudaBackend final : public Backend {
   // tensor-core GEMV (64 rows a launch). The default is the measured crossover; tests and benchmarks
   // force each path with this.
   void set_w4a16_dense_from(int rows);
-  // false: the fused ops always run as their two ops (tests and benchmarks compare the two).
+  // Whether add_rmsnorm_linear and silu_mul_linear run as one fused GEMV where one takes them (default:
+  // LMD_FUSED_PROLOGUES=1 in the environment); otherwise as their two ops. Tests and benchmarks set both.
+  // A change drops the decode-step graphs captured so far.
   void set_fused_prologues(bool on);
   // 16-bit dense linears of at most `rows` rows (default 1, capped at 4) run the warp-per-output GEMV,
   // larger ones cuBLAS; 0 forces cuBLAS everywhere (tests and benchmarks compare the two).
