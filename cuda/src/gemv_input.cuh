@@ -1,7 +1,7 @@
 // The element-wise op before a small-batch GEMV, done by the GEMV's blocks themselves (the fused
 // prologues of add_rmsnorm_linear and silu_mul_linear). In a batch-1 decode step every add_rmsnorm and
 // silu_mul is a kernel of its own between two GEMVs: a few microseconds of launch, one memory round trip
-// and a grid-wide wait, 97 times a Llama-2-7B step. Here each block computes the GEMV's input rows into
+// and a grid-wide wait, 95 times a Llama-2-7B step. Here each block computes the GEMV's input rows into
 // shared memory instead, after requesting its first weights, so that work overlaps the weight stream.
 // The rows are small (a block reads 8-66 KB from L2), but every block reads them: only for a few rows.
 #pragma once
