@@ -17,8 +17,9 @@
 #   LMD_GPU_AWQ_SEARCH  1: the same quantization again with --search-scale True [0]
 #   LMD_GPU_PROFILE 1: Nsight Compute over one batch-1 decode step (fp16 and W4A16): per-kernel times, and
 #                   the memory and warp-state sections of the GEMV kernels [0]
-# LMD_FUSED_PROLOGUES=1 in the environment turns on the fused norm/SwiGLU GEMVs for everything the lmd
-# binary runs here (the tests and lmd_cuda_bench time both ways regardless).
+# LMD_FUSED_OPS=1 in the environment turns on the fused decode-step ops (norm and SwiGLU in the GEMVs,
+# RoPE in the attention) for everything the lmd binary runs here (the tests and lmd_cuda_bench run both
+# ways regardless).
 # Test models and tokenizers are read from $LMD_TEST_ASSETS, else ./assets when present, else ../shared.
 # Logs go to $OUT when set (the device tool's output folder), else /tmp/lmd-gpu-out.
 set -uo pipefail

@@ -229,7 +229,7 @@ TEST_CASE("cuda: add_rmsnorm_linear and silu_mul_linear, fused into the GEMVs, m
         const DeviceTensor gx = on(gpu, x, {rows, c.in}, dt), gw = on(gpu, nw, {c.in}, dt);
         std::vector<float> by_path[2];
         for (bool fused : {true, false}) {
-          gpu.set_fused_prologues(fused);
+          gpu.set_fused_ops(fused);
           DeviceTensor gres = on(gpu, res, {rows, c.in}, dt), gnorm = gpu.alloc(dt, {rows, c.in});
           // Twice: the arrival counter must be back at zero after a launch for the next to write the
           // residual.
@@ -253,7 +253,7 @@ TEST_CASE("cuda: add_rmsnorm_linear and silu_mul_linear, fused into the GEMVs, m
         cpu.silu_mul_linear(on(cpu, gu, {rows, 2 * c.in}, DType::F32), cl, cact, cout);
         const DeviceTensor ggu = on(gpu, gu, {rows, 2 * c.in}, dt);
         for (bool fused : {true, false}) {
-          gpu.set_fused_prologues(fused);
+          gpu.set_fused_ops(fused);
           DeviceTensor gact = gpu.alloc(dt, {rows, c.in});
           Guarded g = guarded(gpu, dt, {rows, c.out});
           gpu.silu_mul_linear(ggu, gl, gact, g.view);
@@ -263,7 +263,7 @@ TEST_CASE("cuda: add_rmsnorm_linear and silu_mul_linear, fused into the GEMVs, m
           CHECK(worst.add(op, dt, rel_error(by_path[fused], values(cpu, cout))) < tolerance(dt));
         }
         CHECK(rel_error(by_path[1], by_path[0]) < tolerance(dt));
-        gpu.set_fused_prologues(true);
+        gpu.set_fused_ops(true);
       }
     }
   }
@@ -283,10 +283,13 @@ struct AttnCase {
 // captures, the others replay (a fresh backend per case: graphs are keyed by shape only). A graph step's
 // qkv and output live outside the graph, whose replays use the captured pointers: they are refilled
 // before each step, the output with NaN, so that a row no kernel wrote shows.
-// `static_params` (4 per layer) selects the offline per-layer int8 mode.
+// `static_params` (4 per layer) selects the offline per-layer int8 mode. `fused`: the GPU runs steps in
+// which every sequence adds one token as rope_kv_attention with fused ops on (the CPU as its two ops);
+// its queries stay unrotated in qkv, so only the attention output is compared there, and the cache it
+// wrote is read by the steps after it.
 void run_attention_case(CudaBackend& gpu, CpuBackend& cpu, const AttnCase& c, DType dt, int quant_bits,
                         std::mt19937& rng, Worst& worst, const std::vector<float>& static_params = {},
-                        int graph_steps = 0) {
+                        int graph_steps = 0, bool fused = false) {
   const std::string kv_name = quant_bits == 0         ? "attention"
                               : static_params.empty() ? "attention KV int" + std::to_string(quant_bits)
                                                       : "attention KV static int8";
@@ -347,18 +350,26 @@ void run_attention_case(CudaBackend& gpu, CpuBackend& cpu, const AttnCase& c, DT
       g = graph_out;
       REQUIRE(gpu.begin_graph_step(batch));
     }
+    bool one_token = true;
+    for (const SeqSlice& q : batch.seqs) one_token &= q.num_new == 1;
+    const bool fused_step = fused && one_token;
     cpu.rope_kv_write(cqkv, batch, layer, c.heads, rope, ccache);
-    gpu.rope_kv_write(gqkv, batch, layer, c.heads, rope, gcache);
     DeviceTensor cout = cpu.alloc(DType::F32, out_shape);
     cpu.attention(cqkv, batch, layer, c.heads, ccache, cout);
-    gpu.attention(gqkv, batch, layer, c.heads, gcache, g.view);
+    if (fused_step) {
+      gpu.rope_kv_attention(gqkv, batch, layer, c.heads, rope, gcache, g.view);
+    } else {
+      gpu.rope_kv_write(gqkv, batch, layer, c.heads, rope, gcache);
+      gpu.attention(gqkv, batch, layer, c.heads, gcache, g.view);
+    }
     if (graph) REQUIRE(gpu.end_graph_step(true));
-    CHECK(worst.add("rope_kv_write", dt, test::rel_error(values(gpu, gqkv), values(cpu, cqkv))) <
-          tolerance(dt));
+    if (!fused_step)
+      CHECK(worst.add("rope_kv_write", dt, test::rel_error(values(gpu, gqkv), values(cpu, cqkv))) <
+            tolerance(dt));
     check_written(gpu, g);
     // The GPU's K/V tiles hold dequantized values rounded to dt: one more rounding than the reference.
-    CHECK(worst.add(kv_name, dt, test::rel_error(values(gpu, g.view), values(cpu, cout))) <
-          2 * tolerance(dt));
+    CHECK(worst.add(fused_step ? "rope_kv_attention (fused)" : kv_name, dt,
+                    test::rel_error(values(gpu, g.view), values(cpu, cout))) < 2 * tolerance(dt));
   }
   const CudaBackend::GraphCounts graphs = gpu.graph_counts();
   CHECK(graphs.captured - graphs_before.captured == (graph_steps >= 2 ? 1 : 0));
@@ -443,6 +454,37 @@ TEST_CASE("cuda: split decode attention in graph steps matches the CPU", "[gpu]"
         INFO("case " << i << " " << dtype_name(dt) << " KV bits " << bits);
         CudaBackend gpu;
         run_attention_case(gpu, cpu, cases[i], dt, bits, rng, worst, {}, kGraphSteps);
+      }
+  worst.report();
+}
+
+// rope_kv_attention with fused ops: decode steps whose attention kernel rotates q and k itself and
+// writes the new token's K/V (16-bit caches of head_dim 64 and 128; GQA 1, 4 and 8; one and several
+// sequences; split items, eager and as graph steps). Each case's first step fills the cache through
+// rope_kv_write; from the second on every step's new K/V comes from the fused kernel, and later steps
+// attend over it. Over an int8 cache and at head_dim 8 the op runs as its two ops.
+TEST_CASE("cuda: rope_kv_attention fused into decode attention matches the CPU", "[gpu]") {
+  LMD_REQUIRE_GPU();
+  CpuBackend cpu;
+  std::mt19937 rng(13);
+  Worst worst;
+  std::vector<std::pair<int, int>> many;
+  for (int i = 0; i < 12; ++i) many.push_back({i * 37 % 301, 1});
+  const std::vector<AttnCase> cases{
+      {32, 32, 128, 16, {{130, 1}}},          // Llama-2-7B: 9-way splits in a graph step
+      {16, 8, 128, 64, {{700, 1}, {0, 1}}},   // InternLM2-1.8B's GQA 2; a sequence's first token
+      {32, 4, 128, 16, {{100, 1}, {37, 1}}},  // GQA 8
+      {8, 8, 64, 16, many},                   // head_dim 64, many sequences
+      {8, 4, 8, 16, {{12, 1}}},               // head_dim 8: the two ops
+  };
+  for (size_t i = 0; i < cases.size(); ++i)
+    for (DType dt : {DType::F16, DType::BF16})
+      for (int bits : {0, 8}) {
+        if (bits != 0 && (i != 0 || dt != DType::F16)) continue;
+        INFO("case " << i << " " << dtype_name(dt) << " KV bits " << bits);
+        CudaBackend gpu;
+        gpu.set_fused_ops(true);
+        run_attention_case(gpu, cpu, cases[i], dt, bits, rng, worst, {}, 4, true);
       }
   worst.report();
 }
@@ -570,7 +612,7 @@ TEST_CASE("cuda: wt2-llama-22m logits and greedy ids match transformers", "[gpu]
   REQUIRE(model->activation_dtype() == DType::F16);
   // Decode steps as two ops per norm and SwiGLU, then fused into the GEMVs.
   for (bool fused : {false, true}) {
-    gpu.set_fused_prologues(fused);
+    gpu.set_fused_ops(fused);
     const char* how = fused ? " (fused)" : "";
     for (const auto& [prompt, data] : ref["prompts"].items()) {
       INFO(prompt << how);

@@ -289,6 +289,26 @@ __device__ __noinline__ void merge_if_last(int heads, KvGeometry g, const AttnCo
   if (threadIdx.x == 0) *counter = 0;
 }
 
+// HF rotate-half RoPE of one head row spread over `lanes` lanes, E dims each (lane sub holds dims
+// sub * E .. sub * E + E - 1, lanes * E = head_dim; a dim's partner d +- head_dim / 2 is in lane
+// sub ^ lanes / 2), computed and rounded to T as rope_kv_kernel does. All lanes of the warp call it.
+template <class T, int E>
+__device__ __forceinline__ void rope_rotate(float (&x)[E], int sub, int lanes, int hd, int pos,
+                                            const float* freq) {
+  const int half = hd / 2;
+  float rotated[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const float partner = __shfl_xor_sync(0xffffffffu, x[e], lanes / 2);
+    const int d = sub * E + e, f = d < half ? d : d - half;
+    const float angle = float(pos) * freq[f];
+    const float c = cosf(angle), s = sinf(angle);
+    rotated[e] = d < half ? x[e] * c - partner * s : x[e] * c + partner * s;
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e) x[e] = to_f32(from_f32<T>(rotated[e]));
+}
+
 // Decode items (one query token; version 2 of the decode path, for fp16/bf16/fp32 and int8/int4 caches).
 // Version 1 (the kernel above) copies 32-key tiles through shared memory and had a single warp per 32 keys
 // in flight: 20 us a layer at context 128 and 981 GB/s of K/V at context 4096 on an H200
@@ -307,11 +327,17 @@ __device__ __noinline__ void merge_if_last(int heads, KvGeometry g, const AttnCo
 // A split item's splits are merged by the last of its blocks to finish (merge_if_last) rather than by a
 // combine_kernel launch after this one: that launch cost ~5 us a layer on an H100 in a Llama-2-7B batch-1
 // graph step (where every item is split about 9 ways), half the time of this kernel.
-template <class T, int BITS, int R>
+//
+// With ROPE (rope_kv_attention, 16-bit cache): q and k are read unrotated from qkv and rotated here, as
+// rope_kv_kernel rotates them (rope_rotate), and the new token's key is not read from the cache: the item
+// whose range ends at it stops one key short, adds that key from registers to warp 0's first lane group,
+// and its blocks of blockIdx.z 0 write the token's K/V into the cache for later steps. No block reads what
+// another writes, so no rope_kv_write launch (and wait) is needed before this one.
+template <class T, int BITS, int R, bool ROPE>
 __global__ void __launch_bounds__(kWarps * 32)
     decode_kernel(const T* qkv, int heads, KvGeometry g, const AttnWork* work, const AttnCombine* combine,
                   const int* blocks, const void* cache, const uint32_t* params, int lanes, int max_rows,
-                  float* partials, int* counters, T* out, float scale) {
+                  float* partials, int* counters, T* out, float scale, DecodeRope rope) {
   chain_release();
   chain_wait();
   using Vec = CacheVec<T, BITS>;
@@ -326,6 +352,12 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t qkv_row = int64_t(heads + 2 * g.kv_heads) * hd, row_bytes = int64_t(lanes) * 16;
   const int* seq_blocks = blocks + w.block_off;
   const unsigned char* data = static_cast<const unsigned char*>(cache);
+  // ROPE: the item ends at the new token and takes it from registers (the last split that holds keys:
+  // a graph step's empty splits past the context end there too).
+  const bool new_key = ROPE && w.kv_begin < w.kv_end && w.kv_end == w.first_pos + 1;
+  const int kv_end = new_key ? w.kv_end - 1 : w.kv_end;
+  const float* freq = nullptr;
+  if constexpr (ROPE) freq = rope.inv_freq + int64_t(rope.token_seq[w.token_begin]) * (hd / 2);
 
   // q is pre-multiplied by the softmax scale and by weight(e); qsum is this lane's sum(q) for the
   // zero-point term. zacc carries sum(p zero) beside acc, which holds sum(p scale c) / weight(e).
@@ -335,8 +367,11 @@ __global__ void __launch_bounds__(kWarps * 32)
     m[r] = -INFINITY, l[r] = 0.f, qsum[r] = 0.f, zacc[r] = 0.f;
     const T* qt = qkv + w.token_begin * qkv_row + int64_t(kvhead * group + w.head_begin + row0 + r) * hd;
 #pragma unroll
+    for (int e = 0; e < E; ++e) q[r][e] = r < rows ? to_f32(qt[sub * E + e]) : 0.f;
+    if constexpr (ROPE) rope_rotate<T>(q[r], sub, lanes, hd, w.first_pos, freq);
+#pragma unroll
     for (int e = 0; e < E; ++e) {
-      q[r][e] = r < rows ? to_f32(qt[sub * E + e]) * scale : 0.f;
+      q[r][e] *= scale;
       qsum[r] += q[r][e];
       q[r][e] *= Vec::weight(e);
       acc[r][e] = 0.f;
@@ -344,14 +379,14 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 
   const int step = U * keys_per_step;
-  for (int base = w.kv_begin + warp * step; base < w.kv_end; base += kWarps * step) {
+  for (int base = w.kv_begin + warp * step; base < kv_end; base += kWarps * step) {
     uint4 kx[U], vx[U];
     uint32_t kp[U], vp[U];  // (scale, zero) as two fp16 halves
     bool valid[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int pos = base + u * keys_per_step + slot;
-      valid[u] = pos < w.kv_end;
+      valid[u] = pos < kv_end;
       kx[u] = vx[u] = make_uint4(0, 0, 0, 0);
       kp[u] = vp[u] = 0;
       if (valid[u]) {
@@ -400,6 +435,43 @@ __global__ void __launch_bounds__(kWarps * 32)
         for (int e = 0; e < E; ++e) acc[r][e] += p * x[e];
       }
       m[r] = mx;
+    }
+  }
+  if constexpr (ROPE) {
+    if (new_key) {  // uniform over the block
+      const T* kt = qkv + w.token_begin * qkv_row + int64_t(heads + kvhead) * hd + sub * E;
+      const T* vt = kt + int64_t(g.kv_heads) * hd;
+      float k[E], v[E];
+#pragma unroll
+      for (int e = 0; e < E; ++e) k[e] = to_f32(kt[e]), v[e] = to_f32(vt[e]);
+      rope_rotate<T>(k, sub, lanes, hd, w.first_pos, freq);
+      const bool owner = warp == 0 && slot == 0;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (r >= rows) break;  // uniform over the block
+        float dot = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) dot += q[r][e] * k[e];
+        for (int o = 1; o < lanes; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        if (owner) {
+          const float mx = fmaxf(m[r], dot), corr = expf(m[r] - mx), p = expf(dot - mx);
+          l[r] = l[r] * corr + p;
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[r][e] = acc[r][e] * corr + p * v[e];
+          m[r] = mx;
+        }
+      }
+      if (owner && blockIdx.z == 0) {
+        const int at = w.first_pos % g.block_len, block = seq_blocks[w.first_pos / g.block_len];
+        alignas(16) T kr[E], vr[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) kr[e] = from_f32<T>(k[e]), vr[e] = from_f32<T>(v[e]);
+        T* dst = static_cast<T*>(rope.cache);
+        reinterpret_cast<uint4*>(dst + cache_row(g, block, 0, kvhead, at) * hd)[sub] =
+            *reinterpret_cast<const uint4*>(kr);
+        reinterpret_cast<uint4*>(dst + cache_row(g, block, 1, kvhead, at) * hd)[sub] =
+            *reinterpret_cast<const uint4*>(vr);
+      }
     }
   }
   if constexpr (BITS != 0)
@@ -785,7 +857,8 @@ int decode_lanes(int elem_bytes, const KvGeometry& g) {
 template <class T, int BITS>
 void launch_decode(const void* qkv, int heads, const KvGeometry& g, const AttnWork* work, int num_work,
                    const AttnCombine* combine, const int* blocks, const void* cache, const uint16_t* params,
-                   int lanes, int rows, float* partials, int* counters, void* out, cudaStream_t stream) {
+                   int lanes, int rows, float* partials, int* counters, void* out, const DecodeRope& rope,
+                   cudaStream_t stream) {
   // q and acc take 2 * R * E registers. Compiled for sm_90a: fp16 R = 8 fits (224 registers); int8
   // spills at R = 4 and int4 needs 255 at R = 2, so quantized caches keep R * E <= 32 (128 registers).
   constexpr int E = CacheVec<T, BITS>::E, kMaxR = BITS == 0 ? std::min(8, 64 / E) : 32 / E;
@@ -795,18 +868,29 @@ void launch_decode(const void* qkv, int heads, const KvGeometry& g, const AttnWo
     const dim3 grid(num_work, g.kv_heads, (rows + r - 1) / r);
     launch_chained(kernel, grid, kWarps * 32, smem, stream, qkv, heads, g, work, combine, blocks, cache,
                    reinterpret_cast<const uint32_t*>(params), lanes, max_rows, partials, counters, out,
-                   1.f / sqrtf(float(g.head_dim)));
+                   1.f / sqrtf(float(g.head_dim)), rope);
     LMD_CUDA_LAUNCHED();
   };
-  if (rows <= 1 || kMaxR == 1) {
-    run(decode_kernel<T, BITS, 1>, 1);
-  } else if (rows <= 2 || kMaxR == 2) {
-    run(decode_kernel<T, BITS, std::min(2, kMaxR)>, std::min(2, kMaxR));
-  } else if (rows <= 4 || kMaxR == 4) {
-    run(decode_kernel<T, BITS, std::min(4, kMaxR)>, std::min(4, kMaxR));
-  } else {
-    run(decode_kernel<T, BITS, kMaxR>, kMaxR);
+  auto pick = [&](auto rope_tag) {
+    constexpr bool kRope = decltype(rope_tag)::value;
+    if (rows <= 1 || kMaxR == 1) {
+      run(decode_kernel<T, BITS, 1, kRope>, 1);
+    } else if (rows <= 2 || kMaxR == 2) {
+      run(decode_kernel<T, BITS, std::min(2, kMaxR), kRope>, std::min(2, kMaxR));
+    } else if (rows <= 4 || kMaxR == 4) {
+      run(decode_kernel<T, BITS, std::min(4, kMaxR), kRope>, std::min(4, kMaxR));
+    } else {
+      run(decode_kernel<T, BITS, kMaxR, kRope>, kMaxR);
+    }
+  };
+  if constexpr (BITS == 0 && sizeof(T) == 2) {
+    if (rope.inv_freq != nullptr) {
+      pick(std::true_type{});
+      return;
+    }
   }
+  if (rope.inv_freq != nullptr) fail("CUDA attention: rope_kv_attention takes 16-bit caches only");
+  pick(std::false_type{});
 }
 
 int dims_per_lane(int head_dim) {
@@ -835,18 +919,25 @@ int64_t attn_counter_ints(int num_decode_combine, const KvGeometry& g) {
   return int64_t(num_decode_combine) * g.kv_heads * attn_max_rows(g.head_dim);
 }
 
+bool attn_decode_rope(int elem_bytes, const KvGeometry& g) {
+  return elem_bytes == 2 && g.quant_bits == 0 && decode_lanes(elem_bytes, g) >= 2;
+}
+
 void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, const AttnWork* work,
                int num_work, int num_decode, int decode_rows, const AttnCombine* combine, int num_combine,
                int num_decode_combine, const int* blocks, const void* cache, const uint16_t* params,
-               float* partials, int* counters, void* out, cudaStream_t stream) {
+               float* partials, int* counters, void* out, cudaStream_t stream, const DecodeRope& rope) {
   if (num_work == 0) return;
+  if (rope.inv_freq != nullptr && (num_decode != num_work || !attn_decode_rope(int(dtype_size(dtype)), g)))
+    fail("CUDA attention: rope_kv_attention runs one-token items over a 16-bit cache only");
   const int dpl = dims_per_lane(g.head_dim);
   dispatch_float(dtype, [&](auto t) {
     using T = decltype(t);
     if (const int lanes = decode_lanes(sizeof(T), g); lanes > 0 && num_decode > 0) {
       auto decode = [&](auto bits) {
         launch_decode<T, decltype(bits)::value>(qkv, heads, g, work, num_decode, combine, blocks, cache,
-                                                params, lanes, decode_rows, partials, counters, out, stream);
+                                                params, lanes, decode_rows, partials, counters, out, rope,
+                                                stream);
       };
       if (g.quant_bits == 8) {
         decode(std::integral_constant<int, 8>());

@@ -127,10 +127,10 @@ struct CudaState {
   DeviceTensor attn_counters;
   // The arrival counter of the fused add_rmsnorm GEMVs (gemv_input.cuh; zero between launches).
   DeviceTensor prologue_arrivals;
-  // Off unless LMD_FUSED_PROLOGUES=1: the fused GEMVs were written in a session without a GPU and have
+  // Off unless LMD_FUSED_OPS=1: the fused GEMVs were written in a session without a GPU and have
   // not yet been run (their test, "cuda: add_rmsnorm_linear and silu_mul_linear ...", turns them on).
-  bool fuse_prologues = [] {
-    const char* env = std::getenv("LMD_FUSED_PROLOGUES");
+  bool fuse_ops = [] {
+    const char* env = std::getenv("LMD_FUSED_OPS");
     return env != nullptr && std::string_view(env) == "1";
   }();
 
@@ -640,7 +640,7 @@ bool CudaBackend::fused_linear(const DeviceTensor& x, const DeviceLinear& w, Dev
                                const cuda::GemvPrologue& pro) {
   CudaState& st = *state_;
   const int64_t in = w.in_features, outf = w.out_features, tokens = out.numel() / std::max<int64_t>(outf, 1);
-  if (!st.fuse_prologues || out.dim(-1) != outf || (!w.is_int4() && x.dtype != w.weight.dtype)) return false;
+  if (!st.fuse_ops || out.dim(-1) != outf || (!w.is_int4() && x.dtype != w.weight.dtype)) return false;
   const bool dense = !w.is_int4() && tokens <= st.dense_gemv_max_rows &&
                      cuda::dense_gemv_supported(x.dtype, out.dtype, int(tokens), int(in), pro.kind);
   const bool int4 = w.is_int4() && tokens < st.w4_dense_from && out.dtype == x.dtype &&
@@ -691,11 +691,11 @@ void CudaBackend::silu_mul_linear(const DeviceTensor& gate_up, const DeviceLinea
   Backend::silu_mul_linear(gate_up, w, act, out);
 }
 
-void CudaBackend::set_fused_prologues(bool on) {
+void CudaBackend::set_fused_ops(bool on) {
   CudaState& st = *state_;
-  if (st.mode != CudaState::Mode::Eager) fail("set_fused_prologues inside a graph step");
-  if (on == st.fuse_prologues) return;
-  st.fuse_prologues = on;
+  if (st.mode != CudaState::Mode::Eager) fail("set_fused_ops inside a graph step");
+  if (on == st.fuse_ops) return;
+  st.fuse_ops = on;
   // The captured decode steps launch the kernels chosen before: they are captured again.
   LMD_CUDA_CHECK(cudaStreamSynchronize(st.stream));
   for (auto& [key, g] : st.graphs)
@@ -708,15 +708,14 @@ void CudaBackend::set_dense_gemv_max_rows(int rows) {
 }
 int CudaBackend::dense_gemv_max_rows() const { return state_->dense_gemv_max_rows; }
 
-void CudaBackend::rope_kv_write(DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
-                                const RopeConfig& rope, KvCacheStorage& cache) {
+std::vector<int> CudaBackend::rope_meta(const DeviceTensor& qkv, const BatchLayout& batch, int heads,
+                                        const RopeConfig& rope, const KvCacheStorage& cache, int& freq_off) {
   const KvCacheLayout& L = cache.layout;
   const int tokens = batch.num_tokens(), half = L.head_dim / 2;
   if (qkv.dim(-1) != int64_t(heads + 2 * L.kv_heads) * L.head_dim)
     fail("CUDA rope_kv_write: qkv has ", qkv.dim(-1), " columns, expected ",
          (heads + 2 * L.kv_heads) * L.head_dim);
   if (L.quant_bits == 0) require_same(qkv, cache.data, "rope_kv_write (cache)");
-  if (tokens == 0) return;
   // meta: token_seq [T], token_pos [T], seq_block_off [S], blocks..., inv_freq [S, half] (float bits).
   const int seqs = int(batch.seqs.size());
   const bool graph = state_->mode != CudaState::Mode::Eager;
@@ -740,8 +739,18 @@ void CudaBackend::rope_kv_write(DeviceTensor& qkv, const BatchLayout& batch, int
     const std::vector<float> f = rope_inv_freq(rope, q.context_len + q.num_new);
     freqs.insert(freqs.end(), f.begin(), f.begin() + half);
   }
-  const int freq_off = int(meta.size());
+  freq_off = int(meta.size());
   for (float f : freqs) meta.push_back(std::bit_cast<int>(f));
+  return meta;
+}
+
+void CudaBackend::rope_kv_write(DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
+                                const RopeConfig& rope, KvCacheStorage& cache) {
+  const KvCacheLayout& L = cache.layout;
+  int freq_off = 0;
+  const std::vector<int> meta = rope_meta(qkv, batch, heads, rope, cache, freq_off);
+  const int tokens = batch.num_tokens();
+  if (tokens == 0) return;
   const int* dev = upload_meta(0, meta);
   if (replaying()) return;
   const cuda::KvGeometry g{L.layers, L.kv_heads, L.head_dim, L.block_len, layer, L.quant_bits};
@@ -757,6 +766,29 @@ void CudaBackend::rope_kv_write(DeviceTensor& qkv, const BatchLayout& batch, int
 
 void CudaBackend::attention(const DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
                             const KvCacheStorage& cache, DeviceTensor& out) {
+  run_attention(qkv, batch, layer, heads, cache, out, {});
+}
+
+void CudaBackend::rope_kv_attention(DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
+                                    const RopeConfig& rope, KvCacheStorage& cache, DeviceTensor& out) {
+  const KvCacheLayout& L = cache.layout;
+  const cuda::KvGeometry g{L.layers, L.kv_heads, L.head_dim, L.block_len, layer, L.quant_bits};
+  bool decode = !batch.seqs.empty();
+  for (const SeqSlice& s : batch.seqs) decode &= s.num_new == 1;
+  if (!state_->fuse_ops || !decode || !cuda::attn_decode_rope(int(dtype_size(qkv.dtype)), g)) {
+    Backend::rope_kv_attention(qkv, batch, layer, heads, rope, cache, out);
+    return;
+  }
+  int freq_off = 0;
+  const std::vector<int> meta = rope_meta(qkv, batch, heads, rope, cache, freq_off);
+  const int* dev = upload_meta(0, meta);
+  run_attention(qkv, batch, layer, heads, cache, out,
+                {dev, reinterpret_cast<const float*>(dev + freq_off), cache.data.data});
+}
+
+void CudaBackend::run_attention(const DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
+                                const KvCacheStorage& cache, DeviceTensor& out,
+                                const cuda::DecodeRope& rope) {
   const KvCacheLayout& L = cache.layout;
   require_same(qkv, out, "attention");
   if (L.quant_bits == 0) require_same(qkv, cache.data, "attention (cache)");
@@ -786,7 +818,7 @@ void CudaBackend::attention(const DeviceTensor& qkv, const BatchLayout& batch, i
                   plan.num_decode_combine, dev + blocks_off, cache.data.data,
                   cache.params.empty() ? nullptr : cache.params.as<uint16_t>(),
                   scratch.empty() ? nullptr : scratch.as<float>(), state_->attn_counters.as<int>(), out.data,
-                  state_->stream);
+                  state_->stream, rope);
 }
 
 void CudaBackend::silu_mul(const DeviceTensor& gate_up, DeviceTensor& out) {

@@ -134,10 +134,20 @@ bool attn_prefill_v3(int elem_bytes, const KvGeometry& g, int heads);
 // one-token items: where the decode kernel runs, it merges them itself, counting its blocks' arrivals
 // in `counters` (attn_counter_ints of them, zero before the call and zero again after it); the other
 // merges run as a separate pass.
+//
+// With `rope` set (rope_kv_attention; every item one-token, attn_decode_rope), q and the new token's k are
+// rotated by the kernel from qkv as written by the qkv linear, and the new token's K/V go into the cache
+// by the kernel, in place of a rope_kv_write launch before this one.
+struct DecodeRope {
+  const int* token_seq = nullptr;   // [tokens] the sequence of each new token
+  const float* inv_freq = nullptr;  // [sequences, head_dim / 2]
+  void* cache = nullptr;            // the cache, written
+};
+bool attn_decode_rope(int elem_bytes, const KvGeometry& g);
 void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, const AttnWork* work,
                int num_work, int num_decode, int decode_rows, const AttnCombine* combine, int num_combine,
                int num_decode_combine, const int* blocks, const void* cache, const uint16_t* params,
-               float* partials, int* counters, void* out, cudaStream_t stream);
+               float* partials, int* counters, void* out, cudaStream_t stream, const DecodeRope& rope = {});
 
 // Floats of partial-result workspace `attention` needs for `num_partials` slots.
 int64_t attn_partial_floats(int num_partials, const KvGeometry& g);

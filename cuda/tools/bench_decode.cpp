@@ -43,7 +43,7 @@ enum OpMask : unsigned {
   kAttention = 4,
   kSiluMul = 8,
   kAllOps = kNorms | kRopeKv | kAttention | kSiluMul,
-  kFused = 16,  // the norms and silu_mul inside the next linear (add_rmsnorm_linear, silu_mul_linear)
+  kFused = 16,  // the fused ops: add_rmsnorm_linear, rope_kv_attention, silu_mul_linear
 };
 
 struct Layer {
@@ -159,7 +159,7 @@ int main(int argc, char** argv) try {
     DeviceTensor &res = b[0], &normed = b[1], &qkv = b[2], &attn = b[3], &proj = b[4], &gu = b[5],
                  &act = b[6];
     const BatchLayout batch = decode_batch(tokens, ctx);
-    be.set_fused_prologues(ops & kFused);
+    be.set_fused_ops(ops & kFused);
     for (int l = 0; l < kLayers; ++l) {
       const Layer& y = layers[l];
       if (ops & kFused) {
@@ -168,8 +168,12 @@ int main(int argc, char** argv) try {
         if (ops & kNorms) be.add_rmsnorm(res, proj, y.attn_norm, 1e-5f, normed);
         be.linear(normed, y.qkv, qkv);
       }
-      if (ops & kRopeKv) be.rope_kv_write(qkv, batch, l, kHeads, rope, cache);
-      if (ops & kAttention) be.attention(qkv, batch, l, kHeads, cache, attn);
+      if (ops & kFused) {
+        be.rope_kv_attention(qkv, batch, l, kHeads, rope, cache, attn);
+      } else {
+        if (ops & kRopeKv) be.rope_kv_write(qkv, batch, l, kHeads, rope, cache);
+        if (ops & kAttention) be.attention(qkv, batch, l, kHeads, cache, attn);
+      }
       be.linear(attn, y.o, proj);
       if (ops & kFused) {
         be.add_rmsnorm_linear(res, proj, y.ffn_norm, 1e-5f, y.gate_up, normed, gu);
@@ -273,7 +277,8 @@ int main(int argc, char** argv) try {
                 full_graph_ms, 1e3 / full_graph_ms, bytes / full_graph_ms / 1e6,
                 100.0 * floor_ms / full_graph_ms);
   std::printf(
-      "| decode step, norms and silu_mul fused into the linears | %.3f ms | %.1f tok/s | %.0f GB/s | %.0f%% "
+      "| decode step, fused ops (norms, RoPE, SwiGLU inside the next kernel) | %.3f ms | %.1f tok/s | %.0f "
+      "GB/s | %.0f%% "
       "|\n",
       fused_step_ms, 1e3 / fused_step_ms, bytes / fused_step_ms / 1e6, 100.0 * floor_ms / fused_step_ms);
   if (fused_graph_ms > 0)

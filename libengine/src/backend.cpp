@@ -14,4 +14,10 @@ void Backend::silu_mul_linear(const DeviceTensor& gate_up, const DeviceLinear& w
   linear(act, w, out);
 }
 
+void Backend::rope_kv_attention(DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
+                                const RopeConfig& rope, KvCacheStorage& cache, DeviceTensor& out) {
+  rope_kv_write(qkv, batch, layer, heads, rope, cache);
+  attention(qkv, batch, layer, heads, cache, out);
+}
+
 }  // namespace lmd

@@ -187,7 +187,8 @@ DeviceTensor Model::run_step(const std::vector<int>& ids, const BatchLayout& bat
     if (observer_) observer_(layer, point, t);
   };
   be.embedding(embed_, ids, residual);
-  // Observers read the norms' and the activation's outputs, which the fused ops need not write.
+  // Observers read the norms', the rotation's and the activation's outputs, which the fused ops need not
+  // write.
   const bool fused = !observer_;
   for (int l = 0; l < spec_.layers; ++l) {
     const ModelLayer& layer = layers_[l];
@@ -203,9 +204,13 @@ DeviceTensor Model::run_step(const std::vector<int>& ids, const BatchLayout& bat
       be.linear(normed, layer.qkv, qkv);
     }
     observe(l, "qkv", qkv);
-    be.rope_kv_write(qkv, batch, l, heads, rope, cache);
-    observe(l, "qkv_rope", qkv);
-    be.attention(qkv, batch, l, heads, cache, attn);
+    if (fused) {
+      be.rope_kv_attention(qkv, batch, l, heads, rope, cache, attn);
+    } else {
+      be.rope_kv_write(qkv, batch, l, heads, rope, cache);
+      observe(l, "qkv_rope", qkv);
+      be.attention(qkv, batch, l, heads, cache, attn);
+    }
     observe(l, "attention", attn);
     be.linear(attn, layer.o, proj);
     observe(l, "o", proj);

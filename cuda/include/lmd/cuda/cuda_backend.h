@@ -11,7 +11,8 @@
 
 namespace lmd::cuda {
 struct GemvPrologue;
-}
+struct DecodeRope;
+}  // namespace lmd::cuda
 
 namespace lmd {
 
@@ -63,6 +64,10 @@ class CudaBackend final : public Backend {
                           float eps, const DeviceLinear& w, DeviceTensor& normed, DeviceTensor& out) override;
   void silu_mul_linear(const DeviceTensor& gate_up, const DeviceLinear& w, DeviceTensor& act,
                        DeviceTensor& out) override;
+  // Decode steps over a 16-bit cache: the decode attention kernel rotates q and k and writes the new K/V
+  // itself; otherwise rope_kv_write, then attention.
+  void rope_kv_attention(DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
+                         const RopeConfig& rope, KvCacheStorage& cache, DeviceTensor& out) override;
   void gather_rows(const DeviceTensor& x, const std::vector<int>& rows, DeviceTensor& out) override;
   void greedy(const DeviceTensor& logits, DeviceTensor& out) override;
   void sample(const DeviceTensor& logits, const std::vector<SampleRow>& rows, DeviceTensor& out) override;
@@ -75,10 +80,11 @@ class CudaBackend final : public Backend {
   // tensor-core GEMV (64 rows a launch). The default is the measured crossover; tests and benchmarks
   // force each path with this.
   void set_w4a16_dense_from(int rows);
-  // Whether add_rmsnorm_linear and silu_mul_linear run as one fused GEMV where one takes them (default:
-  // LMD_FUSED_PROLOGUES=1 in the environment); otherwise as their two ops. Tests and benchmarks set both.
+  // Whether add_rmsnorm_linear, silu_mul_linear and rope_kv_attention run as one fused kernel where one
+  // takes them (default: LMD_FUSED_OPS=1 in the environment); otherwise as their two ops. Tests and
+  // benchmarks set both.
   // A change drops the decode-step graphs captured so far.
-  void set_fused_prologues(bool on);
+  void set_fused_ops(bool on);
   // 16-bit dense linears of at most `rows` rows (default 1, capped at 4) run the warp-per-output GEMV,
   // larger ones cuBLAS; 0 forces cuBLAS everywhere (tests and benchmarks compare the two).
   void set_dense_gemv_max_rows(int rows);
@@ -108,6 +114,12 @@ class CudaBackend final : public Backend {
   // and the prologue; false (nothing queued) otherwise. x: the op's input, for its dtype.
   bool fused_linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTensor& out,
                     const cuda::GemvPrologue& pro);
+  // rope_kv_write's per-step metadata (kernels.h); inv_freq starts at `freq_off`.
+  std::vector<int> rope_meta(const DeviceTensor& qkv, const BatchLayout& batch, int heads,
+                             const RopeConfig& rope, const KvCacheStorage& cache, int& freq_off);
+  // attention(), with the rotation and K/V write of rope_kv_attention when `rope` is set.
+  void run_attention(const DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
+                     const KvCacheStorage& cache, DeviceTensor& out, const cuda::DecodeRope& rope);
   // True while a graph step replays: ops plan but launch nothing.
   bool replaying() const;
 

@@ -130,15 +130,18 @@ class Backend {
                          const KvCacheStorage& cache, DeviceTensor& out) = 0;
   // out [tokens, inter] = silu(gate_up[:, :inter]) * gate_up[:, inter:].
   virtual void silu_mul(const DeviceTensor& gate_up, DeviceTensor& out) = 0;
-  // Fusions of the decode step: the element-wise op before a linear, done by the linear's kernel where the
-  // backend has one (CUDA, a few rows), which saves a kernel and a round trip through memory per call.
-  // The defaults run the two ops, through `normed` / `act`; a fused kernel may leave those unwritten.
+  // Fusions of the decode step: an op done by the kernel of the op after it where the backend has one
+  // (CUDA, a few rows), which saves a kernel and a round trip through memory per call. The defaults run
+  // the two ops, through `normed` / `act`; a fused kernel may leave those unwritten.
   //   add_rmsnorm_linear: residual += x; out = linear(rmsnorm(residual) * weight, w).
   //   silu_mul_linear: out = linear(silu_mul(gate_up), w).
+  //   rope_kv_attention: rope_kv_write, then attention (a fused kernel may leave qkv's queries unrotated).
   virtual void add_rmsnorm_linear(DeviceTensor& residual, const DeviceTensor& x, const DeviceTensor& weight,
                                   float eps, const DeviceLinear& w, DeviceTensor& normed, DeviceTensor& out);
   virtual void silu_mul_linear(const DeviceTensor& gate_up, const DeviceLinear& w, DeviceTensor& act,
                                DeviceTensor& out);
+  virtual void rope_kv_attention(DeviceTensor& qkv, const BatchLayout& batch, int layer, int heads,
+                                 const RopeConfig& rope, KvCacheStorage& cache, DeviceTensor& out);
   // out [rows.size(), cols] = x[rows].
   virtual void gather_rows(const DeviceTensor& x, const std::vector<int>& rows, DeviceTensor& out) = 0;
   // Greedy choice per row of fp32 logits [rows, vocab]: out fp32 [rows, 2] = (token, its log-probability
