@@ -127,8 +127,8 @@ struct CudaState {
   DeviceTensor attn_counters;
   // The arrival counter of the fused add_rmsnorm GEMVs (gemv_input.cuh; zero between launches).
   DeviceTensor prologue_arrivals;
-  // Off unless LMD_FUSED_OPS=1: the fused GEMVs were written in a session without a GPU and have
-  // not yet been run (their test, "cuda: add_rmsnorm_linear and silu_mul_linear ...", turns them on).
+  // Off unless LMD_FUSED_OPS=1: the fused kernels (GEMV prologues, RoPE in the decode attention) were
+  // written in a session without a GPU and have not yet been run; their tests turn them on.
   bool fuse_ops = [] {
     const char* env = std::getenv("LMD_FUSED_OPS");
     return env != nullptr && std::string_view(env) == "1";
@@ -702,6 +702,7 @@ void CudaBackend::set_fused_ops(bool on) {
     if (g.exec) cudaGraphExecDestroy(g.exec);
   st.graphs.clear();
 }
+
 void CudaBackend::set_w4a16_dense_from(int rows) { state_->w4_dense_from = rows; }
 void CudaBackend::set_dense_gemv_max_rows(int rows) {
   state_->dense_gemv_max_rows = std::min(rows, cuda::kDenseGemvMaxRows);
