@@ -433,7 +433,11 @@ TEST_CASE("cuda: rope_kv_write and paged attention match the CPU", "[gpu]") {
 // group over 4 and 8 row blocks, each with its own merge), 22 for 3 sequences over 4 KV heads, 2 for 40
 // sequences over 4. The last split block of each merge merges it: a replay finds every arrival counter
 // back at zero, or rows go unwritten (NaN).
-TEST_CASE("cuda: split decode attention in graph steps matches the CPU", "[gpu]") {
+// Each case runs again as rope_kv_attention with fused ops on (16-bit activations): the decode attention
+// kernel rotates q and k itself and writes the new token's K/V, which later steps attend over; over a
+// quantized cache and at head_dim 8 the op runs as its two ops. The last two cases add InternLM2-1.8B's
+// GQA 2 over 64-token blocks and that head_dim-8 fallback.
+TEST_CASE("cuda: split decode attention in graph steps matches the CPU, plain and with RoPE fused", "[gpu]") {
   LMD_REQUIRE_GPU();
   CpuBackend cpu;
   std::mt19937 rng(5);
@@ -445,47 +449,21 @@ TEST_CASE("cuda: split decode attention in graph steps matches the CPU", "[gpu]"
       {8, 1, 64, 32, {{250, 1}}},
       {32, 4, 128, 16, {{100, 1}, {37, 1}, {0, 1}}},
       {4, 4, 64, 16, many},
+      {16, 8, 128, 64, {{700, 1}, {0, 1}}},
+      {8, 4, 8, 16, {{12, 1}}},
   };
   constexpr int kGraphSteps = 4;  // record, capture, 2 replays
   for (size_t i = 0; i < cases.size(); ++i)
     for (DType dt : kDtypes)
-      for (int bits : {0, 8, 4}) {
-        if ((dt != DType::F16 && (bits != 0 || i == 3)) || (bits != 0 && i > 1)) continue;
-        INFO("case " << i << " " << dtype_name(dt) << " KV bits " << bits);
-        CudaBackend gpu;
-        run_attention_case(gpu, cpu, cases[i], dt, bits, rng, worst, {}, kGraphSteps);
-      }
-  worst.report();
-}
-
-// rope_kv_attention with fused ops: decode steps whose attention kernel rotates q and k itself and
-// writes the new token's K/V (16-bit caches of head_dim 64 and 128; GQA 1, 4 and 8; one and several
-// sequences; split items, eager and as graph steps). Each case's first step fills the cache through
-// rope_kv_write; from the second on every step's new K/V comes from the fused kernel, and later steps
-// attend over it. Over an int8 cache and at head_dim 8 the op runs as its two ops.
-TEST_CASE("cuda: rope_kv_attention fused into decode attention matches the CPU", "[gpu]") {
-  LMD_REQUIRE_GPU();
-  CpuBackend cpu;
-  std::mt19937 rng(13);
-  Worst worst;
-  std::vector<std::pair<int, int>> many;
-  for (int i = 0; i < 12; ++i) many.push_back({i * 37 % 301, 1});
-  const std::vector<AttnCase> cases{
-      {32, 32, 128, 16, {{130, 1}}},          // Llama-2-7B: 9-way splits in a graph step
-      {16, 8, 128, 64, {{700, 1}, {0, 1}}},   // InternLM2-1.8B's GQA 2; a sequence's first token
-      {32, 4, 128, 16, {{100, 1}, {37, 1}}},  // GQA 8
-      {8, 8, 64, 16, many},                   // head_dim 64, many sequences
-      {8, 4, 8, 16, {{12, 1}}},               // head_dim 8: the two ops
-  };
-  for (size_t i = 0; i < cases.size(); ++i)
-    for (DType dt : {DType::F16, DType::BF16})
-      for (int bits : {0, 8}) {
-        if (bits != 0 && (i != 0 || dt != DType::F16)) continue;
-        INFO("case " << i << " " << dtype_name(dt) << " KV bits " << bits);
-        CudaBackend gpu;
-        gpu.set_fused_ops(true);
-        run_attention_case(gpu, cpu, cases[i], dt, bits, rng, worst, {}, 4, true);
-      }
+      for (int bits : {0, 8, 4})
+        for (bool fused : {false, true}) {
+          if ((dt != DType::F16 && (bits != 0 || i == 3)) || (bits != 0 && i > 1)) continue;
+          if (fused && dt == DType::F32) continue;
+          INFO("case " << i << " " << dtype_name(dt) << " KV bits " << bits << (fused ? " fused" : ""));
+          CudaBackend gpu;
+          gpu.set_fused_ops(fused);
+          run_attention_case(gpu, cpu, cases[i], dt, bits, rng, worst, {}, kGraphSteps, fused);
+        }
   worst.report();
 }
 

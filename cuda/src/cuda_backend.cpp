@@ -146,6 +146,12 @@ struct CudaState {
   };
   enum class Mode { Eager, Record, Capture, Replay };
   std::map<std::pair<int, int>, Graph> graphs;
+  // Destroys every captured graph; later steps record and capture their shapes again.
+  void drop_graphs() {
+    for (auto& [key, g] : graphs)
+      if (g.exec) cudaGraphExecDestroy(g.exec);
+    graphs.clear();
+  }
   Mode mode = Mode::Eager;
   std::pair<int, int> graph_key;
   Graph* graph = nullptr;
@@ -228,8 +234,7 @@ CudaBackend::~CudaBackend() {
   state_->w4_dense = {};
   state_->attn_counters = {};
   state_->prologue_arrivals = {};
-  for (auto& [key, g] : state_->graphs)
-    if (g.exec) cudaGraphExecDestroy(g.exec);
+  state_->drop_graphs();
   cublasDestroy(state_->cublas);
   cudaStreamDestroy(state_->stream);
 }
@@ -698,9 +703,7 @@ void CudaBackend::set_fused_ops(bool on) {
   st.fuse_ops = on;
   // The captured decode steps launch the kernels chosen before: they are captured again.
   LMD_CUDA_CHECK(cudaStreamSynchronize(st.stream));
-  for (auto& [key, g] : st.graphs)
-    if (g.exec) cudaGraphExecDestroy(g.exec);
-  st.graphs.clear();
+  st.drop_graphs();
 }
 
 void CudaBackend::set_w4a16_dense_from(int rows) { state_->w4_dense_from = rows; }
