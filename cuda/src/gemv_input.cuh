@@ -3,7 +3,8 @@
 // silu_mul is a kernel of its own between two GEMVs: a few microseconds of launch, one memory round trip
 // and a grid-wide wait, 95 times a Llama-2-7B step. Here each block computes the GEMV's input rows into
 // shared memory instead, after requesting its first weights, so that work overlaps the weight stream.
-// The rows are small (a block reads 8-66 KB from L2), but every block reads them: only for a few rows.
+// The rows are small (per row of K 16-bit inputs a block reads 3 x 2K bytes from L2 for the norm, 2 x 2K
+// for SwiGLU: 24 and 44 KB on Llama-2-7B), but every block reads them: only for a few rows.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -34,11 +35,12 @@ struct alignas(16) Pack8 {
 };
 
 // Rows [M, K] of the GEMV input into xs (shared memory, element type S: T for the dense GEMV, fp16 for
-// the int4 one), rounded as the unfused ops round them. K % 8 == 0; all threads of the block call it.
+// the int4 one), rounded as the unfused ops round them. K % 8 == 0, M <= kGemvPrologueMaxRows; all
+// threads of the block call it.
 //   SiluMul: xs = silu(gate) * up, as silu_mul_kernel computes it.
 //   AddNorm: h = residual + delta (rounded to T), xs = h / rms(h) * norm_weight as rmsnorm_kernel computes
 //   it (the same per-thread pack order and warp-ordered sum, so with 256 threads the same bits). The block
-//   that finishes staging last writes h back to the residual: by then every block has read it.
+//   that is the last to finish reading the residual writes h back to it.
 template <GemvPrologueKind P, class T, class S>
 __device__ void stage_gemv_input(const PrologueArgs<T>& a, int M, int K, S* xs) {
   const int packs = K / 8;
@@ -57,53 +59,60 @@ __device__ void stage_gemv_input(const PrologueArgs<T>& a, int M, int K, S* xs) 
     }
     __syncthreads();
   } else {
-    __shared__ float partial[32];
+    // Two passes, each a single round trip to L2: the first reads residual and delta, keeps h in xs (as
+    // T bits; S and T are both 16-bit) and sums its squares; the second reads the norm weight and
+    // normalises xs in place. Each thread rereads only the packs it wrote.
+    static_assert(sizeof(S) == sizeof(T));
+    __shared__ float partial[32], row_inv[kGemvPrologueMaxRows];
     __shared__ bool last;
     const int warps = blockDim.x / 32;
-    auto sum_row = [&](int m, int i) {
-      const Pack8<T> r = reinterpret_cast<const Pack8<T>*>(a.residual + int64_t(m) * K)[i];
-      const Pack8<T> d = reinterpret_cast<const Pack8<T>*>(a.src + int64_t(m) * K)[i];
-      Pack8<T> h;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) h.v[j] = from_f32<T>(to_f32(r.v[j]) + to_f32(d.v[j]));
-      return h;
-    };
     for (int m = 0; m < M; ++m) {
+      const Pack8<T>* r = reinterpret_cast<const Pack8<T>*>(a.residual + int64_t(m) * K);
+      const Pack8<T>* d = reinterpret_cast<const Pack8<T>*>(a.src + int64_t(m) * K);
+      Pack8<T>* h = reinterpret_cast<Pack8<T>*>(xs + int64_t(m) * K);
       float ss = 0.f;
       for (int i = threadIdx.x; i < packs; i += blockDim.x) {
-        const Pack8<T> h = sum_row(m, i);
+        const Pack8<T> rv = r[i], dv = d[i];
+        Pack8<T> hv;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) ss += to_f32(h.v[j]) * to_f32(h.v[j]);
+        for (int j = 0; j < 8; ++j) {
+          hv.v[j] = from_f32<T>(to_f32(rv.v[j]) + to_f32(dv.v[j]));
+          ss += to_f32(hv.v[j]) * to_f32(hv.v[j]);
+        }
+        h[i] = hv;
       }
       ss = warp_sum(ss);
       if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
       __syncthreads();
-      float total = 0.f;
-      for (int w = 0; w < warps; ++w) total += partial[w];
-      const float inv = rsqrtf(total / K + a.eps);
-      for (int i = threadIdx.x; i < packs; i += blockDim.x) {
-        const Pack8<T> h = sum_row(m, i), w = reinterpret_cast<const Pack8<T>*>(a.norm_weight)[i];
-        Pack8<S> o;
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-          o.v[j] = from_f32<S>(to_f32(from_f32<T>(to_f32(h.v[j]) * inv * to_f32(w.v[j]))));
-        reinterpret_cast<Pack8<S>*>(xs + int64_t(m) * K)[i] = o;
+      if (threadIdx.x == 0) {
+        float total = 0.f;
+        for (int w = 0; w < warps; ++w) total += partial[w];
+        row_inv[m] = rsqrtf(total / K + a.eps);
       }
       __syncthreads();  // partial is reused by the next row
     }
+    // Every block has read the residual once all have arrived here: the last one writes h back.
     if (threadIdx.x == 0) {
       __threadfence();
       last = atomicAdd(a.arrivals, 1u) == gridDim.x - 1;
+      if (last) *a.arrivals = 0;  // every block has counted: ready for the next launch
     }
     __syncthreads();
-    if (last) {
-      for (int e = threadIdx.x; e < M * packs; e += blockDim.x) {
-        const int m = e / packs, i = e % packs;
-        const Pack8<T> h = sum_row(m, i);
-        reinterpret_cast<Pack8<T>*>(a.residual + int64_t(m) * K)[i] = h;
+    const Pack8<T>* w = reinterpret_cast<const Pack8<T>*>(a.norm_weight);
+    for (int m = 0; m < M; ++m) {
+      const float inv = row_inv[m];
+      Pack8<T>* residual = reinterpret_cast<Pack8<T>*>(a.residual + int64_t(m) * K);
+      for (int i = threadIdx.x; i < packs; i += blockDim.x) {
+        const Pack8<T> hv = reinterpret_cast<const Pack8<T>*>(xs + int64_t(m) * K)[i], wv = w[i];
+        if (last) residual[i] = hv;
+        Pack8<S> o;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          o.v[j] = from_f32<S>(to_f32(from_f32<T>(to_f32(hv.v[j]) * inv * to_f32(wv.v[j]))));
+        reinterpret_cast<Pack8<S>*>(xs + int64_t(m) * K)[i] = o;
       }
-      if (threadIdx.x == 0) *a.arrivals = 0;  // every block has arrived: ready for the next launch
     }
+    __syncthreads();  // the GEMV reads every row of xs
   }
 }
 

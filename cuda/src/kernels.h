@@ -28,6 +28,8 @@ struct GemvPrologue {
 // rows fit (batch 1-2 at K = 11008, up to 4 at K = 4096), and the unfused ops beyond. With the int4 GEMV's
 // 4 KB of warp sums and the prologue's own few bytes, a block stays within the 48 KB it gets by default.
 inline constexpr int kGemvPrologueMaxBytes = 48 * 1024 - 4 * 1024 - 256;
+// Rows a fused prologue stages at most (the int4 GEMV's one row tile).
+inline constexpr int kGemvPrologueMaxRows = 8;
 
 // out[rows, N] = x[rows, K] w[N, K]^T for 16-bit x and w, in the input dtype or fp32 (the logits): the
 // small-batch path of dense linears (dense_gemv.cu) for up to kDenseGemvMaxRows rows. By default it
