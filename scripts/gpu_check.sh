@@ -19,9 +19,9 @@
 #   LMD_GPU_AWQ_SEARCH  1: the same quantization again with --search-scale True [0]
 #   LMD_GPU_PROFILE 1: Nsight Compute over one batch-1 decode step (fp16 and W4A16): per-kernel times, and
 #                   the memory and warp-state sections of the GEMV kernels [0]
-# LMD_FUSED_OPS=1 in the environment turns on the fused decode-step ops (norm and SwiGLU in the GEMVs,
-# RoPE in the attention) for everything the lmd binary runs here (the tests and lmd_cuda_bench run both
-# ways regardless).
+# LMD_FUSED_OPS=1 (or all, or a list of norm, swiglu, rope) in the environment turns on the fused
+# decode-step ops (norm and SwiGLU in the GEMVs, RoPE in the attention) for everything the lmd binary runs
+# here (the tests and lmd_cuda_bench run each way regardless).
 # Test models and tokenizers are read from $LMD_TEST_ASSETS, else ./assets when present, else ../shared.
 # Logs go to $OUT when set (the device tool's output folder), else /tmp/lmd-gpu-out.
 set -uo pipefail
@@ -111,7 +111,7 @@ for shape in ${LMD_GPU_CHECK_MODELS-llama2-7b internlm2-1.8b}; do
     ${PEAK:+--peak-bandwidth $PEAK} --json "$LOGS/gen-$shape.json" >"$LOGS/gen-$shape.log" 2>&1 || e2e_rc=1
   if [[ "${LMD_GPU_FUSED_AB:-0}" == 1 ]]; then
     # The same batch-1 decode with the other setting of the fused ops.
-    other=$([[ "${LMD_FUSED_OPS:-0}" == 1 ]] && echo 0 || echo 1)
+    other=$([[ -n "${LMD_FUSED_OPS:-}" && "${LMD_FUSED_OPS}" != 0 ]] && echo 0 || echo 1)
     LMD_FUSED_OPS=$other timeout 120 "$LMD" bench generation "$dir" -c 1 --prompt-tokens 128 --completion-tokens 128 \
       -w 1 --rounds 2 ${PEAK:+--peak-bandwidth $PEAK} >"$LOGS/gen-$shape-fused$other.log" 2>&1 || e2e_rc=1
   fi

@@ -186,6 +186,26 @@ TEST_CASE("cuda: linear, silu_mul, embedding and gather_rows match the CPU", "[g
   worst.report();
 }
 
+TEST_CASE("LMD_FUSED_OPS names the fusions the CUDA backend runs") {
+  CHECK(parse_fused_ops(nullptr) == kFuseNone);
+  CHECK(parse_fused_ops("") == kFuseNone);
+  CHECK(parse_fused_ops("0") == kFuseNone);
+  CHECK(parse_fused_ops("1") == kFuseAll);
+  CHECK(parse_fused_ops("all") == kFuseAll);
+  CHECK(parse_fused_ops("rope") == kFuseRope);
+  CHECK(parse_fused_ops("norm,swiglu") == (kFuseNorm | kFuseSwiglu));
+  CHECK(parse_fused_ops("swiglu,rope,norm") == kFuseAll);
+  for (const char* bad : {"2", "yes", "norm,", ",rope", "norm;rope", "Norm"}) {
+    INFO(bad);
+    try {
+      parse_fused_ops(bad);
+      FAIL("accepted");
+    } catch (const Error& e) {
+      CHECK(std::string(e.what()).find("LMD_FUSED_OPS") != std::string::npos);
+    }
+  }
+}
+
 TEST_CASE("cuda: add_rmsnorm_linear and silu_mul_linear, fused into the GEMVs, match the CPU", "[gpu]") {
   LMD_REQUIRE_GPU();
   CudaBackend gpu;
@@ -229,7 +249,7 @@ TEST_CASE("cuda: add_rmsnorm_linear and silu_mul_linear, fused into the GEMVs, m
         const DeviceTensor gx = on(gpu, x, {rows, c.in}, dt), gw = on(gpu, nw, {c.in}, dt);
         std::vector<float> by_path[2];
         for (bool fused : {true, false}) {
-          gpu.set_fused_ops(fused);
+          gpu.set_fused_ops(fused ? kFuseNorm : kFuseNone);
           DeviceTensor gres = on(gpu, res, {rows, c.in}, dt), gnorm = gpu.alloc(dt, {rows, c.in});
           // Twice: the arrival counter must be back at zero after a launch for the next to write the
           // residual.
@@ -253,7 +273,7 @@ TEST_CASE("cuda: add_rmsnorm_linear and silu_mul_linear, fused into the GEMVs, m
         cpu.silu_mul_linear(on(cpu, gu, {rows, 2 * c.in}, DType::F32), cl, cact, cout);
         const DeviceTensor ggu = on(gpu, gu, {rows, 2 * c.in}, dt);
         for (bool fused : {true, false}) {
-          gpu.set_fused_ops(fused);
+          gpu.set_fused_ops(fused ? kFuseSwiglu : kFuseNone);
           DeviceTensor gact = gpu.alloc(dt, {rows, c.in});
           Guarded g = guarded(gpu, dt, {rows, c.out});
           gpu.silu_mul_linear(ggu, gl, gact, g.view);
@@ -263,7 +283,6 @@ TEST_CASE("cuda: add_rmsnorm_linear and silu_mul_linear, fused into the GEMVs, m
           CHECK(worst.add(op, dt, rel_error(by_path[fused], values(cpu, cout))) < tolerance(dt));
         }
         CHECK(rel_error(by_path[1], by_path[0]) < tolerance(dt));
-        gpu.set_fused_ops(true);
       }
     }
   }
@@ -461,7 +480,7 @@ TEST_CASE("cuda: split decode attention in graph steps matches the CPU, plain an
           if (fused && dt == DType::F32) continue;
           INFO("case " << i << " " << dtype_name(dt) << " KV bits " << bits << (fused ? " fused" : ""));
           CudaBackend gpu;
-          gpu.set_fused_ops(fused);
+          gpu.set_fused_ops(fused ? kFuseRope : kFuseNone);
           run_attention_case(gpu, cpu, cases[i], dt, bits, rng, worst, {}, kGraphSteps, fused);
         }
   worst.report();
@@ -590,7 +609,7 @@ TEST_CASE("cuda: wt2-llama-22m logits and greedy ids match transformers", "[gpu]
   REQUIRE(model->activation_dtype() == DType::F16);
   // Decode steps as two ops per norm and SwiGLU, then fused into the GEMVs.
   for (bool fused : {false, true}) {
-    gpu.set_fused_ops(fused);
+    gpu.set_fused_ops(fused ? kFuseAll : kFuseNone);
     const char* how = fused ? " (fused)" : "";
     for (const auto& [prompt, data] : ref["prompts"].items()) {
       INFO(prompt << how);

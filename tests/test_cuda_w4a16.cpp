@@ -99,7 +99,7 @@ TEST_CASE("cuda w4a16: an int4 wt2-llama-22m follows the CPU backend", "[gpu][w4
   // The prompt (37 rows, all logits), then single-token decode steps fed with the CPU's greedy choice
   // (graph steps from the second); the last three with the norms and SwiGLU fused into the int4 GEMVs.
   for (int step = 0; step <= steps; ++step) {
-    gpu.set_fused_ops(step > steps / 2);
+    gpu.set_fused_ops(step > steps / 2 ? kFuseAll : kFuseNone);
     BatchLayout batch;
     batch.seqs.push_back({0, int(ids.size()), context, blocks});
     const std::vector<float> gl = gm.forward(ids, batch, gc, step == 0),

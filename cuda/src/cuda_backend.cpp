@@ -127,12 +127,9 @@ struct CudaState {
   DeviceTensor attn_counters;
   // The arrival counter of the fused add_rmsnorm GEMVs (gemv_input.cuh; zero between launches).
   DeviceTensor prologue_arrivals;
-  // Off unless LMD_FUSED_OPS=1: the fused kernels (GEMV prologues, RoPE in the decode attention) were
-  // written in a session without a GPU and have not yet been run; their tests turn them on.
-  bool fuse_ops = [] {
-    const char* env = std::getenv("LMD_FUSED_OPS");
-    return env != nullptr && std::string_view(env) == "1";
-  }();
+  // Off unless LMD_FUSED_OPS says otherwise: the fused kernels (GEMV prologues, RoPE in the decode
+  // attention) were written in sessions without a GPU and have not yet been run; their tests turn them on.
+  unsigned fused_ops = parse_fused_ops(std::getenv("LMD_FUSED_OPS"));
 
   // Decode-step graphs (begin_graph_step), one per (sequences, block-table stride). The first step of a
   // shape runs eagerly and records the sizes of its allocations and metadata uploads; the second is
@@ -174,6 +171,28 @@ namespace {
 size_t arena_bytes(size_t bytes) { return (std::max<size_t>(bytes, 1) + 255) / 256 * 256; }
 
 }  // namespace
+
+unsigned parse_fused_ops(const char* value) {
+  const std::string_view v = value == nullptr ? "" : value;
+  if (v.empty() || v == "0") return kFuseNone;
+  if (v == "1" || v == "all") return kFuseAll;
+  unsigned ops = kFuseNone;
+  for (size_t begin = 0; begin <= v.size();) {
+    const size_t end = std::min(v.find(',', begin), v.size());
+    const std::string_view name = v.substr(begin, end - begin);
+    if (name == "norm")
+      ops |= kFuseNorm;
+    else if (name == "swiglu")
+      ops |= kFuseSwiglu;
+    else if (name == "rope")
+      ops |= kFuseRope;
+    else
+      fail("LMD_FUSED_OPS=", v,
+           ": expected 0, 1, all, or a comma-separated list of norm, swiglu, rope (got '", name, "')");
+    begin = end + 1;
+  }
+  return ops;
+}
 
 bool cuda_device_available() {
   int n = 0;
@@ -645,7 +664,9 @@ bool CudaBackend::fused_linear(const DeviceTensor& x, const DeviceLinear& w, Dev
                                const cuda::GemvPrologue& pro) {
   CudaState& st = *state_;
   const int64_t in = w.in_features, outf = w.out_features, tokens = out.numel() / std::max<int64_t>(outf, 1);
-  if (!st.fuse_ops || out.dim(-1) != outf || (!w.is_int4() && x.dtype != w.weight.dtype)) return false;
+  const unsigned needs = pro.kind == cuda::GemvPrologueKind::AddNorm ? kFuseNorm : kFuseSwiglu;
+  if (!(st.fused_ops & needs) || out.dim(-1) != outf || (!w.is_int4() && x.dtype != w.weight.dtype))
+    return false;
   const bool dense = !w.is_int4() && tokens <= st.dense_gemv_max_rows &&
                      cuda::dense_gemv_supported(x.dtype, out.dtype, int(tokens), int(in), pro.kind);
   const bool int4 = w.is_int4() && tokens < st.w4_dense_from && out.dtype == x.dtype &&
@@ -696,11 +717,12 @@ void CudaBackend::silu_mul_linear(const DeviceTensor& gate_up, const DeviceLinea
   Backend::silu_mul_linear(gate_up, w, act, out);
 }
 
-void CudaBackend::set_fused_ops(bool on) {
+void CudaBackend::set_fused_ops(unsigned ops) {
   CudaState& st = *state_;
   if (st.mode != CudaState::Mode::Eager) fail("set_fused_ops inside a graph step");
-  if (on == st.fuse_ops) return;
-  st.fuse_ops = on;
+  if (ops & ~unsigned(kFuseAll)) fail("set_fused_ops: unknown flags ", ops);
+  if (ops == st.fused_ops) return;
+  st.fused_ops = ops;
   // The captured decode steps launch the kernels chosen before: they are captured again.
   LMD_CUDA_CHECK(cudaStreamSynchronize(st.stream));
   st.drop_graphs();
@@ -779,7 +801,7 @@ void CudaBackend::rope_kv_attention(DeviceTensor& qkv, const BatchLayout& batch,
   const cuda::KvGeometry g{L.layers, L.kv_heads, L.head_dim, L.block_len, layer, L.quant_bits};
   bool decode = !batch.seqs.empty();
   for (const SeqSlice& s : batch.seqs) decode &= s.num_new == 1;
-  if (!state_->fuse_ops || !decode || !cuda::attn_decode_rope(int(dtype_size(qkv.dtype)), g)) {
+  if (!(state_->fused_ops & kFuseRope) || !decode || !cuda::attn_decode_rope(int(dtype_size(qkv.dtype)), g)) {
     Backend::rope_kv_attention(qkv, batch, layer, heads, rope, cache, out);
     return;
   }

@@ -43,7 +43,6 @@ enum OpMask : unsigned {
   kAttention = 4,
   kSiluMul = 8,
   kAllOps = kNorms | kRopeKv | kAttention | kSiluMul,
-  kFused = 16,  // the fused ops: add_rmsnorm_linear, rope_kv_attention, silu_mul_linear
 };
 
 struct Layer {
@@ -153,29 +152,31 @@ int main(int argc, char** argv) try {
   };
 
   // One forward step of `tokens` new tokens after `ctx` cached ones (the model's op sequence), running the
-  // linears and the op kinds in `ops`.
-  auto step = [&](int tokens, int ctx, unsigned ops) {
+  // linears and the op kinds in `ops`; with fusions `fuse` (FusedOps), every op kind through the model's
+  // fused calls, each of which runs fused where `fuse` has its flag.
+  auto step = [&](int tokens, int ctx, unsigned ops, unsigned fuse = kFuseNone) {
     auto& b = bufs(tokens);
     DeviceTensor &res = b[0], &normed = b[1], &qkv = b[2], &attn = b[3], &proj = b[4], &gu = b[5],
                  &act = b[6];
     const BatchLayout batch = decode_batch(tokens, ctx);
-    be.set_fused_ops(ops & kFused);
+    be.set_fused_ops(fuse);
+    const bool fused = fuse != kFuseNone;
     for (int l = 0; l < kLayers; ++l) {
       const Layer& y = layers[l];
-      if (ops & kFused) {
+      if (fused) {
         be.add_rmsnorm_linear(res, proj, y.attn_norm, 1e-5f, y.qkv, normed, qkv);
       } else {
         if (ops & kNorms) be.add_rmsnorm(res, proj, y.attn_norm, 1e-5f, normed);
         be.linear(normed, y.qkv, qkv);
       }
-      if (ops & kFused) {
+      if (fused) {
         be.rope_kv_attention(qkv, batch, l, kHeads, rope, cache, attn);
       } else {
         if (ops & kRopeKv) be.rope_kv_write(qkv, batch, l, kHeads, rope, cache);
         if (ops & kAttention) be.attention(qkv, batch, l, kHeads, cache, attn);
       }
       be.linear(attn, y.o, proj);
-      if (ops & kFused) {
+      if (fused) {
         be.add_rmsnorm_linear(res, proj, y.ffn_norm, 1e-5f, y.gate_up, normed, gu);
         be.silu_mul_linear(gu, y.down, act, proj);
         continue;
@@ -212,16 +213,18 @@ int main(int argc, char** argv) try {
   const double lin_cublas_ms = median_ms(stream, 3, 50, [&] { step(1, context, 0); });
   be.set_dense_gemv_max_rows(gemv_rows);
   const double step_ms = median_ms(stream, 3, 50, [&] { step(1, context, kAllOps); });
-  const double fused_step_ms = median_ms(stream, 3, 50, [&] { step(1, context, kAllOps | kFused); });
+  const double fused_step_ms = median_ms(stream, 3, 50, [&] { step(1, context, kAllOps, kFuseAll); });
   be.synchronize();
 
   // The decode step with the op kinds `ops`, replayed as a CUDA graph; -1 when the capture failed.
-  auto graph_ms = [&](unsigned ops) {
+  auto graph_ms = [&](unsigned ops, unsigned fuse = kFuseNone) {
     double ms = -1;
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
+    be.set_fused_ops(
+        fuse);  // a change synchronizes the stream: not inside the capture (step's call is a no-op)
     if (cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
-      step(1, context, ops);
+      step(1, context, ops, fuse);
       if (cudaStreamEndCapture(stream, &graph) == cudaSuccess &&
           cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess)
         ms = median_ms(stream, 3, 50, [&] { LMD_BENCH_CHECK(cudaGraphLaunch(exec, stream)); });
@@ -232,7 +235,7 @@ int main(int argc, char** argv) try {
     return ms;
   };
   const double full_graph_ms = graph_ms(kAllOps);
-  const double fused_graph_ms = graph_ms(kAllOps | kFused);
+  const double fused_graph_ms = graph_ms(kAllOps, kFuseAll);
   if (full_graph_ms < 0) std::printf("note: CUDA graph capture of the step failed\n");
   const std::pair<const char*, unsigned> left_out[] = {{"add_rmsnorm", kNorms},
                                                        {"rope_kv_write", kRopeKv},
@@ -241,6 +244,13 @@ int main(int argc, char** argv) try {
                                                        {"all but the linears", kAllOps}};
   std::vector<double> ablated_ms;
   for (const auto& [name, ops] : left_out) ablated_ms.push_back(graph_ms(kAllOps & ~ops));
+  // Each fusion alone (LMD_FUSED_OPS=norm, swiglu or rope), so that a slower one can be left off.
+  const std::pair<const char*, unsigned> one_fusion[] = {
+      {"norm (add_rmsnorm in the qkv and gate_up GEMVs)", kFuseNorm},
+      {"swiglu (silu_mul in the down GEMV)", kFuseSwiglu},
+      {"rope (RoPE and the K/V write in the decode attention)", kFuseRope}};
+  std::vector<double> one_fusion_ms;
+  for (const auto& [name, fuse] : one_fusion) one_fusion_ms.push_back(graph_ms(kAllOps, fuse));
 
   const int prefill = 1024;
   const double prefill_ms = median_ms(stream, 1, 5, [&] { step(prefill, 0, kAllOps); });
@@ -293,6 +303,11 @@ int main(int argc, char** argv) try {
   for (size_t i = 0; i < ablated_ms.size(); ++i)
     std::printf("| %s | %.3f ms | %.3f ms |\n", left_out[i].first, ablated_ms[i],
                 full_graph_ms - ablated_ms[i]);
+  std::printf("\n| graph replay with one fusion (LMD_FUSED_OPS) | time | saved |\n|---|---|---|\n");
+  for (size_t i = 0; i < one_fusion_ms.size(); ++i)
+    std::printf("| %s | %.3f ms | %.3f ms |\n", one_fusion[i].first, one_fusion_ms[i],
+                full_graph_ms - one_fusion_ms[i]);
+  std::printf("| all three | %.3f ms | %.3f ms |\n", fused_graph_ms, full_graph_ms - fused_graph_ms);
   const double far_bytes = double(kLayers) * 2 * (long_context + 1) * kKvHeads * kHeadDim * 2;
   std::printf("\n| op x %d layers (decode, batch 1) | total | per call |\n|---|---|---|\n", kLayers);
   std::printf("| add_rmsnorm (the step has 2 x %d + 1) | %.3f ms | %.1f us |\n", kLayers, norm_ms,

@@ -27,6 +27,13 @@ bool cuda_decode_attention_v2(DType activation, const KvCacheLayout& layout);
 // the tensor-core prefill kernel (version 3) rather than the shared-memory tile kernel.
 bool cuda_prefill_attention_v3(DType activation, const KvCacheLayout& layout, int heads);
 
+// The decode-step fusions, as bit flags: add+RMSNorm and SiLU*mul done by the GEMV after them, RoPE and
+// the K/V write done by the decode attention.
+enum FusedOps : unsigned { kFuseNone = 0, kFuseNorm = 1, kFuseSwiglu = 2, kFuseRope = 4, kFuseAll = 7 };
+// The fusions an LMD_FUSED_OPS value names: "0" (or null, or empty) none, "1" or "all" every one, else a
+// comma-separated list of norm, swiglu and rope. Anything else is an error naming the variable.
+unsigned parse_fused_ops(const char* value);
+
 struct CudaState;
 
 class CudaBackend final : public Backend {
@@ -80,11 +87,12 @@ class CudaBackend final : public Backend {
   // tensor-core GEMV (64 rows a launch). The default is the measured crossover; tests and benchmarks
   // force each path with this.
   void set_w4a16_dense_from(int rows);
-  // Whether add_rmsnorm_linear, silu_mul_linear and rope_kv_attention run as one fused kernel where one
-  // takes them (default: LMD_FUSED_OPS=1 in the environment); otherwise as their two ops. Tests and
-  // benchmarks set both.
-  // A change drops the decode-step graphs captured so far.
-  void set_fused_ops(bool on);
+  // Which of add_rmsnorm_linear (kFuseNorm), silu_mul_linear (kFuseSwiglu) and rope_kv_attention
+  // (kFuseRope) run as one fused kernel where one takes them (default: LMD_FUSED_OPS in the environment,
+  // parse_fused_ops); the others run as their two ops. Tests and benchmarks set each way. A change drops
+  // the decode-step graphs captured so far.
+  void set_fused_ops(unsigned ops);
+  void set_fused_ops(bool) = delete;  // true would read as kFuseNorm alone
   // 16-bit dense linears of at most `rows` rows (default 1, capped at 4) run the warp-per-output GEMV,
   // larger ones cuBLAS; 0 forces cuBLAS everywhere (tests and benchmarks compare the two).
   void set_dense_gemv_max_rows(int rows);
