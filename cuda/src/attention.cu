@@ -303,7 +303,8 @@ __device__ __forceinline__ void rope_rotate(float (&x)[E], int sub, int lanes, i
     const int d = sub * E + e, f = d < half ? d : d - half;
     const float angle = float(pos) * freq[f];
     const float c = cosf(angle), s = sinf(angle);
-    rotated[e] = d < half ? x[e] * c - partner * s : x[e] * c + partner * s;
+    // Rounded as rope_kv_kernel pins it: x1 c - x2 s and x2 c + x1 s, the product with s rounded first.
+    rotated[e] = __fmaf_rn(x[e], c, d < half ? -__fmul_rn(partner, s) : __fmul_rn(partner, s));
   }
 #pragma unroll
   for (int e = 0; e < E; ++e) x[e] = to_f32(from_f32<T>(rotated[e]));

@@ -17,8 +17,6 @@ __global__ void gather_rows_kernel(const V* src, const int* rows, int64_t row_ve
   for (int64_t i = threadIdx.x; i < row_vecs; i += blockDim.x) to[i] = from[i];
 }
 
-constexpr int kNormThreads = 256;
-
 // V consecutive elements, loaded and stored as one access (16 bytes when V = 16 / sizeof(T)).
 template <class T, int V>
 struct alignas(sizeof(T) * V) Pack {
@@ -51,12 +49,12 @@ __global__ void rmsnorm_kernel(const T* x, T* residual, const T* w, float eps, i
 #pragma unroll
     for (int k = 0; k < V; ++k) ss += to_f32(a.v[k]) * to_f32(a.v[k]);
   }
-  __shared__ float partial[kNormThreads / 32];
+  __shared__ float partial[kRmsNormThreads / 32];
   ss = warp_sum(ss);
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
   __syncthreads();
   float total = 0.f;
-  for (int i = 0; i < kNormThreads / 32; ++i) total += partial[i];
+  for (int i = 0; i < kRmsNormThreads / 32; ++i) total += partial[i];
   const float inv = rsqrtf(total / n + eps);
   // Each thread rereads only the packs it wrote above, so no barrier is needed for residual.
   const P* src = rp != nullptr ? rp : xp;
@@ -125,7 +123,7 @@ void rmsnorm(DType dtype, const void* x, void* residual, const void* w, float ep
     const bool packed = n % kV == 0 && aligned16(x) && aligned16(w) && aligned16(out) &&
                         (residual == nullptr || aligned16(residual));
     auto kernel = packed ? &rmsnorm_kernel<T, kV> : &rmsnorm_kernel<T, 1>;
-    launch_chained(kernel, unsigned(rows), kNormThreads, 0, stream, x, residual, w, eps, n, out);
+    launch_chained(kernel, unsigned(rows), kRmsNormThreads, 0, stream, x, residual, w, eps, n, out);
   });
   LMD_CUDA_LAUNCHED();
 }

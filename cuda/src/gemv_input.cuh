@@ -39,7 +39,8 @@ struct alignas(16) Pack8 {
 // threads of the block call it.
 //   SiluMul: xs = silu(gate) * up, as silu_mul_kernel computes it.
 //   AddNorm: h = residual + delta (rounded to T), xs = h / rms(h) * norm_weight as rmsnorm_kernel computes
-//   it (the same per-thread pack order and warp-ordered sum, so with 256 threads the same bits). The block
+//   it (its sum of squares split over that kernel's kRmsNormThreads whatever this block's size, and summed
+//   in the same order, so the same bits). The block
 //   that is the last to finish reading the residual writes h back to it.
 template <GemvPrologueKind P, class T, class S>
 __device__ void stage_gemv_input(const PrologueArgs<T>& a, int M, int K, S* xs) {
@@ -61,32 +62,37 @@ __device__ void stage_gemv_input(const PrologueArgs<T>& a, int M, int K, S* xs) 
   } else {
     // Two passes, each a single round trip to L2: the first reads residual and delta, keeps h in xs (as
     // T bits; S and T are both 16-bit) and sums its squares; the second reads the norm weight and
-    // normalises xs in place. Each thread rereads only the packs it wrote.
+    // normalises xs in place.
+    // The first pass sums as rmsnorm_kernel's kNormWarps warps do whatever the block's size (at most
+    // that many warps): warp w plays the parts of warps w, w + warps, ... of that kernel.
+    constexpr int kNormWarps = kRmsNormThreads / 32;
     static_assert(sizeof(S) == sizeof(T));
-    __shared__ float partial[32], row_inv[kGemvPrologueMaxRows];
+    __shared__ float partial[kNormWarps], row_inv[kGemvPrologueMaxRows];
     __shared__ bool last;
-    const int warps = blockDim.x / 32;
+    const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
     for (int m = 0; m < M; ++m) {
       const Pack8<T>* r = reinterpret_cast<const Pack8<T>*>(a.residual + int64_t(m) * K);
       const Pack8<T>* d = reinterpret_cast<const Pack8<T>*>(a.src + int64_t(m) * K);
       Pack8<T>* h = reinterpret_cast<Pack8<T>*>(xs + int64_t(m) * K);
-      float ss = 0.f;
-      for (int i = threadIdx.x; i < packs; i += blockDim.x) {
-        const Pack8<T> rv = r[i], dv = d[i];
-        Pack8<T> hv;
+      for (int vw = threadIdx.x / 32; vw < kNormWarps; vw += warps) {
+        float ss = 0.f;
+        for (int i = vw * 32 + lane; i < packs; i += kNormWarps * 32) {
+          const Pack8<T> rv = r[i], dv = d[i];
+          Pack8<T> hv;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          hv.v[j] = from_f32<T>(to_f32(rv.v[j]) + to_f32(dv.v[j]));
-          ss += to_f32(hv.v[j]) * to_f32(hv.v[j]);
+          for (int j = 0; j < 8; ++j) {
+            hv.v[j] = from_f32<T>(to_f32(rv.v[j]) + to_f32(dv.v[j]));
+            ss += to_f32(hv.v[j]) * to_f32(hv.v[j]);
+          }
+          h[i] = hv;
         }
-        h[i] = hv;
+        ss = warp_sum(ss);
+        if (lane == 0) partial[vw] = ss;
       }
-      ss = warp_sum(ss);
-      if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
       __syncthreads();
       if (threadIdx.x == 0) {
         float total = 0.f;
-        for (int w = 0; w < warps; ++w) total += partial[w];
+        for (int w = 0; w < kNormWarps; ++w) total += partial[w];
         row_inv[m] = rsqrtf(total / K + a.eps);
       }
       __syncthreads();  // partial is reused by the next row

@@ -40,6 +40,9 @@ bool dense_gemv_supported(DType dtype, DType out_dtype, int rows, int K, GemvPro
 void dense_gemv(DType dtype, DType out_dtype, const void* x, const void* w, int rows, int K, int N, void* out,
                 cudaStream_t stream, const GemvPrologue& pro = {});
 
+// Threads of the rmsnorm kernel's block (one block a row): its sum of squares is split over them, and
+// the fused add+RMSNorm prologue splits it alike so that both round the same.
+inline constexpr int kRmsNormThreads = 256;
 // out = x / rms(x) * w per row of n; when `residual` is set, residual += x first and the sum (rounded
 // to dtype) is normalised.
 void rmsnorm(DType dtype, const void* x, void* residual, const void* w, float eps, int64_t rows, int n,

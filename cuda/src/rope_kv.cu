@@ -37,8 +37,9 @@ __global__ void __launch_bounds__(kRopeWarps * 32)
       const float angle = float(pos) * freq[f];
       const float c = cosf(angle), s = sinf(angle);
       const float x1 = to_f32(v[f]), x2 = to_f32(v[f + half]);
-      buf[f] = x1 * c - x2 * s;
-      buf[f + half] = x2 * c + x1 * s;
+      // The roundings are pinned so that the decode attention's fused rotation (rope_rotate) matches.
+      buf[f] = __fmaf_rn(x1, c, -__fmul_rn(x2, s));
+      buf[f + half] = __fmaf_rn(x2, c, __fmul_rn(x1, s));
       v[f] = from_f32<T>(buf[f]);
       v[f + half] = from_f32<T>(buf[f + half]);
     }
