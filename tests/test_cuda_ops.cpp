@@ -232,11 +232,15 @@ TEST_CASE("cuda: add_rmsnorm_linear and silu_mul_linear, fused into the GEMVs, m
     for (DType dt : {DType::F16, DType::BF16}) {
       const DeviceLinear gl = gpu.prepare_linear(w, dt);
       REQUIRE(gl.is_int4() == c.int4);
-      for (int64_t rows : {1, 2, 3, 5, 9}) {
-        if (!c.int4 && rows > 4) continue;  // the dense GEMV's rows
+      // Rows, and whether int4 linears run the streaming GEMV.
+      const std::pair<int64_t, bool> runs[] = {{1, false}, {1, true}, {2, false}, {2, true},
+                                               {3, false}, {5, true}, {9, false}};
+      for (const auto& [rows, stream] : runs) {
+        if (!c.int4 && (rows > 4 || stream)) continue;  // the dense GEMV's rows
         gpu.set_dense_gemv_max_rows(4);
-        INFO(c.in << " -> " << c.out << (c.int4 ? " int4 " : " dense ") << dtype_name(dt) << " rows "
-                  << rows);
+        gpu.set_w4a16_stream(stream);
+        INFO(c.in << " -> " << c.out << (c.int4 ? " int4 " : " dense ") << dtype_name(dt) << " rows " << rows
+                  << (stream ? " streaming" : ""));
         // add_rmsnorm_linear: the residual and the output, against the CPU's two ops.
         const auto x = rounded(random_values(rng, rows * c.in), dt);
         const auto res = rounded(random_values(rng, rows * c.in, 3.f), dt);

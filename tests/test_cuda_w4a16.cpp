@@ -43,17 +43,24 @@ TEST_CASE("cuda w4a16: int4 linears match the CPU dequant reference", "[gpu][w4a
           cpu.linear(on(cpu, xr, {m, sh.in}, DType::F32), cl, ref);
           const std::vector<float> expected = values(cpu, ref);
           const DeviceTensor gx = on(gpu, xr, {m, sh.in}, dt);
-          // Each path forced: the GEMV (64 rows a launch) and dequantize + cuBLAS.
-          for (bool gemv : {true, false}) {
+          // Each path forced: the GEMV (64 rows a launch), the streaming GEMV (1-8 rows) and dequantize +
+          // cuBLAS.
+          enum Path { kGemv, kStream, kDequant };
+          for (Path path : {kGemv, kStream, kDequant}) {
+            if (path == kStream && m > 8) continue;
+            const char* name = path == kGemv     ? "w4a16 gemv"
+                               : path == kStream ? "w4a16 streaming gemv"
+                                                 : "w4a16 dequant+cuBLAS";
             INFO(sh.in << " -> " << sh.out << " group " << group << " rows " << m << " " << dtype_name(dt)
-                       << (gemv ? " gemv" : " dequant+cuBLAS"));
-            gpu.set_w4a16_dense_from(gemv ? m + 1 : 0);
+                       << " " << name);
+            gpu.set_w4a16_dense_from(path == kDequant ? 0 : m + 1);
+            gpu.set_w4a16_stream(path == kStream);
             Guarded g = guarded(gpu, dt, {m, sh.out});
             gpu.linear(gx, dt == DType::F16 ? g16 : g_bf, g.view);
             check_written(gpu, g);
-            const std::string op = gemv ? "w4a16 gemv" : "w4a16 dequant+cuBLAS";
-            CHECK(worst.add(op, dt, rel_error(values(gpu, g.view), expected)) < tolerance(dt));
+            CHECK(worst.add(name, dt, rel_error(values(gpu, g.view), expected)) < tolerance(dt));
           }
+          gpu.set_w4a16_stream(false);
         }
       }
     }
@@ -97,9 +104,11 @@ TEST_CASE("cuda w4a16: an int4 wt2-llama-22m follows the CPU backend", "[gpu][w4
   for (int& t : ids) t = 3 + int(rng() % 31000);
   int context = 0;
   // The prompt (37 rows, all logits), then single-token decode steps fed with the CPU's greedy choice
-  // (graph steps from the second); the last three with the norms and SwiGLU fused into the int4 GEMVs.
+  // (graph steps from the second); the last three with the norms and SwiGLU fused into the int4 GEMVs,
+  // which are the streaming ones there.
   for (int step = 0; step <= steps; ++step) {
     gpu.set_fused_ops(step > steps / 2 ? kFuseAll : kFuseNone);
+    gpu.set_w4a16_stream(step > steps / 2);
     BatchLayout batch;
     batch.seqs.push_back({0, int(ids.size()), context, blocks});
     const std::vector<float> gl = gm.forward(ids, batch, gc, step == 0),

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "cp_async.cuh"
 #include "cuda_check.h"
 #include "kv_cache.cuh"
 #include "launch.cuh"
@@ -549,16 +550,6 @@ __global__ void __launch_bounds__(kWarps * 32)
 // warp every fragment feeds two, and the times fell to 0.265 ms (130 TFLOP/s) and 0.171 ms; 8192 tokens
 // went from 141 to 203 TFLOP/s. At head_dim 128 the two tiles' accumulators leave no room for Q in
 // registers (255 registers, a few spilled), so Q fragments are re-read from shared memory per tile.
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
-// 16 bytes global -> shared, bypassing L1; `bytes` 0 writes zeros without reading `src`.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

@@ -119,6 +119,12 @@ struct CudaState {
   // W4A16 linears: rows from which they run as dequantize + cuBLAS, and the dense weight of the
   // larger-batch path (only grows; all use is ordered on the one stream).
   int w4_dense_from = kW4DenseFromRows;
+  // The streaming int4 GEMV (W4Plan::stream) at 1-8 rows, off unless LMD_W4A16_STREAM=1: written in a
+  // session without a GPU, not yet measured against version 5.
+  bool w4_stream = [] {
+    const char* env = std::getenv("LMD_W4A16_STREAM");
+    return env != nullptr && std::string_view(env) == "1";
+  }();
   int dense_gemv_max_rows = cuda::kDenseGemvDefaultRows;
   DeviceTensor w4_dense;
   DeviceTensor w4_x_fragments;  // the activations of the wide GEMV in fragment order (w4a16.h)
@@ -641,7 +647,7 @@ void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTen
     else
       gemm(x, w.weight.data, in, outf, tokens, out);
   } else if (tokens < st.w4_dense_from) {
-    const cuda::W4Plan plan = cuda::w4a16_plan(int(tokens), int(in), int(outf));
+    const cuda::W4Plan plan = cuda::w4a16_plan(int(tokens), int(in), int(outf), st.w4_stream ? st.sms : 0);
     if (plan.wide && st.w4_x_fragments.nbytes() < size_t(cuda::kW4GemvChunkRows * in) * sizeof(uint16_t))
       fail("CUDA linear: the int4 GEMV workspace was not reserved for ", in, " inputs");
     cuda::w4a16_gemv(x.dtype, x.data, int(in), w.group_size, w.qweight.as<int32_t>(), w.scales.data, plan,
@@ -678,7 +684,8 @@ bool CudaBackend::fused_linear(const DeviceTensor& x, const DeviceLinear& w, Dev
                      st.stream, pro);
   else
     cuda::w4a16_gemv(x.dtype, nullptr, int(in), w.group_size, w.qweight.as<int32_t>(), w.scales.data,
-                     cuda::w4a16_plan(int(tokens), int(in), int(outf)), nullptr, out.data, st.stream, pro);
+                     cuda::w4a16_plan(int(tokens), int(in), int(outf), st.w4_stream ? st.sms : 0), nullptr,
+                     out.data, st.stream, pro);
   if (!w.bias.empty()) {
     require_same(x, w.bias, "linear bias");
     cuda::add_bias(x.dtype, out.data, w.bias.data, tokens, int(outf), st.stream);
@@ -729,6 +736,14 @@ void CudaBackend::set_fused_ops(unsigned ops) {
 }
 
 void CudaBackend::set_w4a16_dense_from(int rows) { state_->w4_dense_from = rows; }
+void CudaBackend::set_w4a16_stream(bool on) {
+  CudaState& st = *state_;
+  if (st.mode != CudaState::Mode::Eager) fail("set_w4a16_stream inside a graph step");
+  if (on == st.w4_stream) return;
+  st.w4_stream = on;
+  LMD_CUDA_CHECK(cudaStreamSynchronize(st.stream));
+  st.drop_graphs();  // the captured steps launch the kernels chosen before
+}
 void CudaBackend::set_dense_gemv_max_rows(int rows) {
   state_->dense_gemv_max_rows = std::min(rows, cuda::kDenseGemvMaxRows);
 }

@@ -2,7 +2,11 @@
 // (version 5 up to 32 rows; the wide GEMV from 33, after copying x into fragment order), and the
 // dequantization to a dense weight for cuBLAS at larger batches.
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
 
+#include "cp_async.cuh"
 #include "cuda_check.h"
 #include "device_types.cuh"
 #include "gemv_input.cuh"
@@ -259,6 +263,88 @@ __global__ void __launch_bounds__(max_warps(MT) * 32, min_blocks(MT))
   store_strip<T, MT>(sum, M, N, nt, partial, out);
 }
 
+// Version 7, streaming (one row tile: 1-8 rows; off unless chosen, see W4Plan::stream). Version 5 reads
+// 1.68 TB/s at one row (docs/benchmarks.md): each of its blocks requests its whole strip at once (a ring
+// of 8 tiles a warp, in registers: 118 of them, so 16 warps an SM), then waits, computes and exits, so an
+// SM's loads in flight rise and fall with its blocks. Here a persistent grid (as many blocks as fit on
+// the SMs) walks strips blockIdx.x, + gridDim.x, ...; each warp keeps kStreamRing tiles of its flat
+// sequence (its input range of one strip, then of the next) in flight through cp.async into a ring in
+// shared memory, so the next strip's weights arrive while this one is computed and its sums are merged,
+// and the ring costs no registers. Warps read only their own ring slots (cp.async.wait_group makes a
+// thread's own copies visible to it), refilling a slot after the tile's mma has consumed it. A fused
+// prologue stages the input rows once per block instead of once per strip.
+constexpr int kStreamRing = 8, kStreamMinBlocks = 3;
+// Shared memory of a streaming block of `warps` warps: the rings (per slot and lane a 16-byte weight word
+// and the 8-byte meta), two sets of warp sums (strips alternate between them, so one barrier a strip
+// suffices), then any staged input rows.
+__host__ __device__ constexpr int stream_ring_bytes(int warps) { return warps * kStreamRing * 32 * (16 + 8); }
+__host__ __device__ constexpr int stream_partial_bytes(int warps) {
+  return warps > 1 ? 2 * warps * 128 * 4 : 0;
+}
+
+template <class T, GemvPrologueKind P>
+__global__ void __launch_bounds__(max_warps(1) * 32, kStreamMinBlocks)
+    gemv_stream_kernel(const T* __restrict__ x, int M, int K, int N, int group_shift,
+                       const uint4* __restrict__ qweight, const uint2* __restrict__ meta, int tiles_per_warp,
+                       T* __restrict__ out, PrologueArgs<T> pro) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4,
+            t = lane % 4;
+  const int NT = N / 16, KT = K / 64;
+  const int kt_begin = warp * tiles_per_warp, kt_end = min(KT, kt_begin + tiles_per_warp);
+  // This lane's word of ring slot s: wring[32 s] and mring[32 s].
+  uint4* wring = reinterpret_cast<uint4*>(smem) + warp * kStreamRing * 32 + lane;
+  uint2* mring =
+      reinterpret_cast<uint2*>(smem + warps * kStreamRing * 32 * 16) + warp * kStreamRing * 32 + lane;
+  float* partial = reinterpret_cast<float*>(smem + stream_ring_bytes(warps));
+  __half* staged = reinterpret_cast<__half*>(smem + stream_ring_bytes(warps) + stream_partial_bytes(warps));
+  chain_release();
+
+  // Requests the warp's next tile into ring slot `slot`. Weights and meta are never written during a
+  // step, so the first round goes before waiting for the kernel that writes x.
+  int next_nt = blockIdx.x, next_kt = kt_begin;
+  auto issue = [&](int slot) {
+    if (next_nt < NT) {
+      cp_async16(smem_addr(wring + 32 * slot), qweight + (int64_t(next_nt) * KT + next_kt) * 32 + lane);
+      cp_async8(smem_addr(mring + 32 * slot),
+                meta + (int64_t((next_kt * 64 + 16 * t) >> group_shift) * NT + next_nt) * 8 + g);
+      if (++next_kt == kt_end) next_kt = kt_begin, next_nt += gridDim.x;
+    }
+    cp_async_commit();  // possibly empty, so that a tile's group is always the oldest of kStreamRing
+  };
+#pragma unroll
+  for (int slot = 0; slot < kStreamRing; ++slot) issue(slot);
+  chain_wait();
+  const __half* xs = nullptr;
+  if constexpr (P != GemvPrologueKind::None) {
+    stage_gemv_input<P>(pro, M, K, staged);
+    xs = staged;
+  }
+
+  int slot = 0, sums = 0;
+  for (int nt = blockIdx.x; nt < NT; nt += gridDim.x) {
+    // Accumulator value v of lane (g, t): output 16 nt + g + 8 (v >> 1), row 2t + (v & 1).
+    float acc[4] = {};
+    uint32_t b[8], b_next[8];
+    load_x(x, xs, M, K, g, kt_begin * 64 + 16 * t, b);
+    for (int kt = kt_begin; kt < kt_end; ++kt) {
+      if (kt + 1 < kt_end) load_x(x, xs, M, K, g, (kt + 1) * 64 + 16 * t, b_next);  // one tile ahead
+      cp_async_wait<kStreamRing - 1>();
+      uint32_t a[4][4];
+      dequant_tile(wring[32 * slot], mring[32 * slot], a);
+#pragma unroll
+      for (int s = 0; s < 4; ++s) Mma<__half>::run(acc, a[s], b[2 * s], b[2 * s + 1]);
+      issue(slot);  // after the mma: the slot's words have been read
+      slot = (slot + 1) % kStreamRing;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) b[i] = b_next[i];
+    }
+    const float sum[1][4] = {{acc[0], acc[1], acc[2] * (1.f / 16), acc[3] * (1.f / 16)}};
+    store_strip<T, 1>(sum, M, N, nt, partial + sums * warps * 128, out);
+    sums ^= 1;
+  }
+}
+
 // Sixteen halves of x: [8 mt + g][64 kt + 16 t + 8 h + j] at xf[((mt KT + kt) 2 + h) 32 + lane][j] (lane =
 // 4g + t; zero for rows >= M), the order in which the wide GEMV's lanes read them. A warp's 16-byte load
 // is then 512 contiguous bytes (4 cache lines; from x itself it touches 8 rows, 8 lines half used), and
@@ -417,7 +503,7 @@ void w4a16_relayout(const int32_t* awq_qweight, const int32_t* awq_qzeros, const
   LMD_CUDA_LAUNCHED();
 }
 
-W4Plan w4a16_plan(int M, int K, int N) {
+W4Plan w4a16_plan(int M, int K, int N, int stream_sms) {
   W4Plan p;
   p.M = M;
   p.N = N;
@@ -429,8 +515,35 @@ W4Plan w4a16_plan(int M, int K, int N) {
   p.tiles_per_warp = (KT + p.warps - 1) / p.warps;
   p.warps = (KT + p.tiles_per_warp - 1) / p.tiles_per_warp;
   p.smem_bytes = p.warps > 1 ? p.warps * mt * 128 * int(sizeof(float)) : 0;
+  if (stream_sms > 0 && mt == 1) {
+    p.stream = true;
+    p.sms = stream_sms;
+    p.smem_bytes = stream_ring_bytes(p.warps) + stream_partial_bytes(p.warps);
+  }
   return p;
 }
+
+namespace {
+
+// Blocks of `kernel` (`threads`, `smem` bytes of dynamic shared memory) resident per SM, after raising
+// its dynamic shared-memory limit where `smem` exceeds the default 48 KB. Cached: the answer is fixed.
+template <class Kernel>
+int resident_blocks(Kernel kernel, int threads, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, size_t>, int> known;
+  const std::pair<const void*, size_t> key{reinterpret_cast<const void*>(kernel), smem};
+  std::lock_guard<std::mutex> lock(mutex);
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  if (smem > 48 * 1024)
+    LMD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  int blocks = 0;
+  LMD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
+  if (blocks < 1)
+    fail("W4A16 GEMV: a block of ", threads, " threads and ", smem, " bytes does not fit an SM");
+  return known[key] = blocks;
+}
+
+}  // namespace
 
 bool w4a16_prologue_supported(DType dtype, int M, int K) {
   return (dtype == DType::F16 || dtype == DType::BF16) && M >= 1 && row_tiles(M) == 1 &&
@@ -467,6 +580,27 @@ void w4a16_gemv(DType dtype, const void* x, int K, int group, const int32_t* qwe
                        plan.tiles_per_warp, oc);
       };
       const size_t staged = size_t(rows) * K * sizeof(__half);
+      auto launch_stream = [&](auto kernel, size_t staged_bytes = 0) {
+        const size_t smem = plan.smem_bytes + staged_bytes;
+        const int blocks = std::min(plan.N / 16, resident_blocks(kernel, plan.warps * 32, smem) * plan.sms);
+        launch_chained(kernel, blocks, plan.warps * 32, smem, stream, xc, rows, K, plan.N, group_shift,
+                       reinterpret_cast<const uint4*>(qweight), static_cast<const uint2*>(meta),
+                       plan.tiles_per_warp, oc, prologue_args<T>(pro));
+      };
+      if (plan.stream) {
+        if constexpr (sizeof(T) == 2) {
+          if (pro.kind == GemvPrologueKind::AddNorm) {
+            launch_stream(gemv_stream_kernel<T, GemvPrologueKind::AddNorm>, staged);
+            continue;
+          }
+          if (pro.kind == GemvPrologueKind::SiluMul) {
+            launch_stream(gemv_stream_kernel<T, GemvPrologueKind::SiluMul>, staged);
+            continue;
+          }
+        }
+        launch_stream(gemv_stream_kernel<T, GemvPrologueKind::None>);
+        continue;
+      }
       if constexpr (sizeof(T) == 2) {  // fused prologues take 16-bit activations only
         if (pro.kind == GemvPrologueKind::AddNorm) {
           launch(gemv_kernel<T, 1, GemvPrologueKind::AddNorm>, staged);

@@ -32,13 +32,17 @@ void w4a16_relayout(const int32_t* awq_qweight, const int32_t* awq_qzeros, const
 
 // Shape of one GEMV launch: up to 32 rows, N / 16 blocks (one 16-output strip each); from 33 rows on
 // (wide), N / 32 blocks (two strips each). Each block has `warps` warps, each warp `tiles_per_warp`
-// 64-input tiles of the input range; smem_bytes of shared memory for the warps' sums.
+// 64-input tiles of the input range; smem_bytes of shared memory for the warps' sums. `stream` (up to 8
+// rows): the streaming version instead, a persistent grid of as many such blocks as fit on `sms` SMs
+// walking the strips, its tiles in flight in a shared-memory ring (smem_bytes includes it).
 struct W4Plan {
   int M = 0, N = 0, warps = 1, tiles_per_warp = 0, smem_bytes = 0;
-  bool wide = false;
+  bool wide = false, stream = false;
+  int sms = 0;
 };
-// M: rows of x, run kW4GemvChunkRows at a time.
-W4Plan w4a16_plan(int M, int K, int N);
+// M: rows of x, run kW4GemvChunkRows at a time. stream_sms > 0: the streaming version where it applies,
+// on a device of that many SMs.
+W4Plan w4a16_plan(int M, int K, int N, int stream_sms = 0);
 inline constexpr int kW4GemvChunkRows = 64;
 
 // out[M, N] = x[M, K] W^T in `dtype` (F16, BF16 or F32; weights and x meet in fp16 on the tensor cores,

@@ -236,6 +236,14 @@ int main(int argc, char** argv) try {
   };
   const double full_graph_ms = graph_ms(kAllOps);
   const double fused_graph_ms = graph_ms(kAllOps, kFuseAll);
+  // int4: the same two with the streaming GEMV (W4Plan::stream).
+  double stream_graph_ms = -1, stream_fused_graph_ms = -1;
+  if (int4) {
+    be.set_w4a16_stream(true);
+    stream_graph_ms = graph_ms(kAllOps);
+    stream_fused_graph_ms = graph_ms(kAllOps, kFuseAll);
+    be.set_w4a16_stream(false);
+  }
   if (full_graph_ms < 0) std::printf("note: CUDA graph capture of the step failed\n");
   const std::pair<const char*, unsigned> left_out[] = {{"add_rmsnorm", kNorms},
                                                        {"rope_kv_write", kRopeKv},
@@ -295,6 +303,13 @@ int main(int argc, char** argv) try {
     std::printf("| the same, CUDA graph replay | %.3f ms | %.1f tok/s | %.0f GB/s | %.0f%% |\n",
                 fused_graph_ms, 1e3 / fused_graph_ms, bytes / fused_graph_ms / 1e6,
                 100.0 * floor_ms / fused_graph_ms);
+  const std::pair<const char*, double> stream_rows[] = {
+      {"decode step, CUDA graph replay, streaming int4 GEMV", stream_graph_ms},
+      {"the same with the fused ops", stream_fused_graph_ms}};
+  for (const auto& [name, ms] : stream_rows)
+    if (ms > 0)
+      std::printf("| %s | %.3f ms | %.1f tok/s | %.0f GB/s | %.0f%% |\n", name, ms, 1e3 / ms,
+                  bytes / ms / 1e6, 100.0 * floor_ms / ms);
   std::printf("| bandwidth floor (bytes / copy bandwidth) | %.3f ms | %.1f tok/s | | 100%% |\n", floor_ms,
               1e3 / floor_ms);
   std::printf("| prefill %d tokens, %d layers (no lm_head) | %.2f ms | %.0f tok/s | | |\n", prefill, kLayers,

@@ -2,8 +2,8 @@
 // o 4096 -> 4096, gate|up 4096 -> 22016, down 11008 -> 4096; random AWQ codes, group 128) through
 // CudaBackend::linear, timed with CUDA events (medians) over all 32 layers, so that every call reads its
 // weights from device memory, not from L2:
-//   1. rows = 1, the tensor-core GEMV: effective bandwidth = AWQ bytes (codes + zeros + scales) / time,
-//      against the measured device-to-device copy bandwidth;
+//   1. rows = 1, the tensor-core GEMV (version 5 and streaming): effective bandwidth = AWQ bytes (codes +
+//      zeros + scales) / time, against the measured device-to-device copy bandwidth;
 //   2. rows 1..256: GEMV, dequantize + cuBLAS, and the fp16 paths (cuBLAS, and the dense GEMV up to 4
 //      rows) on the same shapes (the crossovers that CudaBackend's defaults follow).
 #include <cuda_runtime.h>
@@ -78,27 +78,46 @@ int main() try {
     });
   };
 
-  std::printf("\n| W4A16 GEMV, 1 row, x %d layers | per call | effective GB/s | of copy bandwidth |\n",
-              kLayers);
-  std::printf("|---|---|---|---|\n");
+  std::printf(
+      "\n| W4A16 GEMV, 1 row, x %d layers | version 5 per call | GB/s | of copy | streaming per call | GB/s "
+      "| "
+      "of copy |\n",
+      kLayers);
+  std::printf("|---|---|---|---|---|---|---|\n");
   be.set_w4a16_dense_from(65);
+  // Version 5 and the streaming GEMV (W4Plan::stream) alike, one linear kind and then all four.
+  auto both = [&](const char* name, double bytes, int shape) {
+    double ms[2];
+    for (bool stream : {false, true}) {
+      be.set_w4a16_stream(stream);
+      ms[stream] = run_all(1, int4, shape);
+    }
+    be.set_w4a16_stream(false);
+    std::printf("| %s |", name);
+    for (double t : ms)
+      std::printf(" %.1f us | %.0f | %.0f%% |", t * 1e3 / kLayers, bytes * kLayers / t / 1e6,
+                  100.0 * bytes * kLayers / t / 1e6 / copy_gbs);
+    std::printf("\n");
+    return ms[0];
+  };
   double total_bytes = 0;
   for (int s = 0; s < 4; ++s) {
-    const double ms = run_all(1, int4, s), bytes = awq_bytes(kShapes[s].in, kShapes[s].out, kGroup);
+    const double bytes = awq_bytes(kShapes[s].in, kShapes[s].out, kGroup);
     total_bytes += bytes;
-    std::printf("| %s | %.1f us | %.0f | %.0f%% |\n", kShapes[s].name, ms * 1e3 / kLayers,
-                bytes * kLayers / ms / 1e6, 100.0 * bytes * kLayers / ms / 1e6 / copy_gbs);
+    both(kShapes[s].name, bytes, s);
   }
-  const double all_ms = run_all(1, int4);
-  std::printf("| all four, %.2f GB | %.3f ms | %.0f | %.0f%% |\n", total_bytes * kLayers / 1e9, all_ms,
-              total_bytes * kLayers / all_ms / 1e6, 100.0 * total_bytes * kLayers / all_ms / 1e6 / copy_gbs);
+  char all_name[64];
+  std::snprintf(all_name, sizeof all_name, "all four of a layer (%.2f GB over the %d)",
+                total_bytes * kLayers / 1e9, kLayers);
+  both(all_name, total_bytes, -1);
   std::printf("| device-to-device copy, 2 GiB (read + write) | %.3f ms | %.0f | 100%% |\n", copy_ms,
               copy_gbs);
 
   std::printf(
-      "\n| rows | fp16 cuBLAS | fp16 GEMV | W4A16 GEMV | W4A16 dequant + cuBLAS | best W4A16 vs best fp16 "
-      "|\n");
-  std::printf("|---|---|---|---|---|---|\n");
+      "\n| rows | fp16 cuBLAS | fp16 GEMV | W4A16 GEMV | W4A16 streaming GEMV | W4A16 dequant + cuBLAS | "
+      "best "
+      "W4A16 vs best fp16 |\n");
+  std::printf("|---|---|---|---|---|---|---|\n");
   const int gemv_rows = be.dense_gemv_max_rows();
   for (int rows : {1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256}) {
     be.set_dense_gemv_max_rows(0);
@@ -114,10 +133,19 @@ int main() try {
     be.set_dense_gemv_max_rows(gemv_rows);
     be.set_w4a16_dense_from(rows + 1);
     const double gemv_ms = run_all(rows, int4);
+    double w4_ms = gemv_ms;
+    char stream_gemv[32] = "-";
+    if (rows <= 8) {
+      be.set_w4a16_stream(true);
+      const double ms = run_all(rows, int4);
+      be.set_w4a16_stream(false);
+      std::snprintf(stream_gemv, sizeof stream_gemv, "%.3f ms", ms);
+      w4_ms = std::min(w4_ms, ms);
+    }
     be.set_w4a16_dense_from(0);
     const double deq_ms = run_all(rows, int4);
-    std::printf("| %d | %.3f ms | %s | %.3f ms | %.3f ms | %.2fx |\n", rows, cublas_ms, fp16_gemv, gemv_ms,
-                deq_ms, fp16_ms / std::min(gemv_ms, deq_ms));
+    std::printf("| %d | %.3f ms | %s | %.3f ms | %s | %.3f ms | %.2fx |\n", rows, cublas_ms, fp16_gemv,
+                gemv_ms, stream_gemv, deq_ms, fp16_ms / std::min(w4_ms, deq_ms));
   }
   return 0;
 } catch (const std::exception& e) {

@@ -87,6 +87,10 @@ class CudaBackend final : public Backend {
   // tensor-core GEMV (64 rows a launch). The default is the measured crossover; tests and benchmarks
   // force each path with this.
   void set_w4a16_dense_from(int rows);
+  // int4 linears of 1-8 rows run the streaming GEMV (a persistent grid with its weights in flight through
+  // a shared-memory ring) instead of version 5 (default: LMD_W4A16_STREAM=1 in the environment). A change
+  // drops the decode-step graphs captured so far.
+  void set_w4a16_stream(bool on);
   // Which of add_rmsnorm_linear (kFuseNorm), silu_mul_linear (kFuseSwiglu) and rope_kv_attention
   // (kFuseRope) run as one fused kernel where one takes them (default: LMD_FUSED_OPS in the environment,
   // parse_fused_ops); the others run as their two ops. Tests and benchmarks set each way. A change drops
