@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
+#include <set>
+#include <tuple>
 #include <utility>
 
 #include "cp_async.cuh"
@@ -273,7 +275,8 @@ __global__ void __launch_bounds__(max_warps(MT) * 32, min_blocks(MT))
 // and the ring costs no registers. Warps read only their own ring slots (cp.async.wait_group makes a
 // thread's own copies visible to it), refilling a slot after the tile's mma has consumed it. A fused
 // prologue stages the input rows once per block instead of once per strip.
-constexpr int kStreamRing = 8, kStreamMinBlocks = 3;
+constexpr unsigned kStreamRing = 8;  // a power of two
+constexpr int kStreamMinBlocks = 3;
 // Shared memory of a streaming block of `warps` warps: the rings (per slot and lane a 16-byte weight word
 // and the 8-byte meta), two sets of warp sums (strips alternate between them, so one barrier a strip
 // suffices), then any staged input rows.
@@ -301,19 +304,25 @@ __global__ void __launch_bounds__(max_warps(1) * 32, kStreamMinBlocks)
   chain_release();
 
   // Requests the warp's next tile into ring slot `slot`. Weights and meta are never written during a
-  // step, so the first round goes before waiting for the kernel that writes x.
-  int next_nt = blockIdx.x, next_kt = kt_begin;
-  auto issue = [&](int slot) {
-    if (next_nt < NT) {
-      cp_async16(smem_addr(wring + 32 * slot), qweight + (int64_t(next_nt) * KT + next_kt) * 32 + lane);
-      cp_async8(smem_addr(mring + 32 * slot),
-                meta + (int64_t((next_kt * 64 + 16 * t) >> group_shift) * NT + next_nt) * 8 + g);
-      if (++next_kt == kt_end) next_kt = kt_begin, next_nt += gridDim.x;
+  // step, so the first round goes before waiting for the kernel that writes x. Offsets are 32-bit
+  // (qweight holds N K / 32 words) and advance by one tile a call, jumping gridDim.x - 1 strips ahead at
+  // the end of the warp's range of one; the slots' shared addresses are computed once.
+  const uint32_t wdst = smem_addr(wring), mdst = smem_addr(mring);
+  const unsigned span = unsigned(kt_end - kt_begin), first_k = unsigned(kt_begin) * 64 + 16 * t;
+  const unsigned strip_jump = (gridDim.x * unsigned(KT) - span) * 32;
+  unsigned next_nt = blockIdx.x, left = span,
+           woff = (next_nt * unsigned(KT) + unsigned(kt_begin)) * 32 + lane, next_k = first_k;
+  auto issue = [&](unsigned slot) {
+    if (next_nt < unsigned(NT)) {
+      cp_async16(wdst + slot * 512, qweight + woff);
+      cp_async8(mdst + slot * 256, meta + ((next_k >> group_shift) * unsigned(NT) + next_nt) * 8 + g);
+      woff += 32, next_k += 64;
+      if (--left == 0) left = span, next_nt += gridDim.x, woff += strip_jump, next_k = first_k;
     }
     cp_async_commit();  // possibly empty, so that a tile's group is always the oldest of kStreamRing
   };
 #pragma unroll
-  for (int slot = 0; slot < kStreamRing; ++slot) issue(slot);
+  for (unsigned slot = 0; slot < kStreamRing; ++slot) issue(slot);
   chain_wait();
   const __half* xs = nullptr;
   if constexpr (P != GemvPrologueKind::None) {
@@ -321,24 +330,39 @@ __global__ void __launch_bounds__(max_warps(1) * 32, kStreamMinBlocks)
     xs = staged;
   }
 
-  int slot = 0, sums = 0;
+  unsigned slot = 0;
+  int sums = 0;
   for (int nt = blockIdx.x; nt < NT; nt += gridDim.x) {
     // Accumulator value v of lane (g, t): output 16 nt + g + 8 (v >> 1), row 2t + (v & 1).
     float acc[4] = {};
-    uint32_t b[8], b_next[8];
-    load_x(x, xs, M, K, g, kt_begin * 64 + 16 * t, b);
-    for (int kt = kt_begin; kt < kt_end; ++kt) {
-      if (kt + 1 < kt_end) load_x(x, xs, M, K, g, (kt + 1) * 64 + 16 * t, b_next);  // one tile ahead
+    uint32_t b[2][8];  // x of this tile and the next, in turn
+    load_x(x, xs, M, K, g, kt_begin * 64 + 16 * t, b[0]);
+    auto tile = [&](int kt, const uint32_t(&cur)[8], uint32_t(&next)[8]) {
+      if (kt + 1 < kt_end) load_x(x, xs, M, K, g, (kt + 1) * 64 + 16 * t, next);  // one tile ahead
       cp_async_wait<kStreamRing - 1>();
+      uint4 w;
+      uint2 m;
+      asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                   : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w)
+                   : "r"(wdst + slot * 512)
+                   : "memory");
+      asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n"
+                   : "=r"(m.x), "=r"(m.y)
+                   : "r"(mdst + slot * 256)
+                   : "memory");
       uint32_t a[4][4];
-      dequant_tile(wring[32 * slot], mring[32 * slot], a);
+      dequant_tile(w, m, a);
 #pragma unroll
-      for (int s = 0; s < 4; ++s) Mma<__half>::run(acc, a[s], b[2 * s], b[2 * s + 1]);
+      for (int s = 0; s < 4; ++s) Mma<__half>::run(acc, a[s], cur[2 * s], cur[2 * s + 1]);
       issue(slot);  // after the mma: the slot's words have been read
-      slot = (slot + 1) % kStreamRing;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) b[i] = b_next[i];
+      slot = (slot + 1) & (kStreamRing - 1);
+    };
+    int kt = kt_begin;
+    for (; kt + 1 < kt_end; kt += 2) {
+      tile(kt, b[0], b[1]);
+      tile(kt + 1, b[1], b[0]);
     }
+    if (kt < kt_end) tile(kt, b[0], b[1]);
     const float sum[1][4] = {{acc[0], acc[1], acc[2] * (1.f / 16), acc[3] * (1.f / 16)}};
     store_strip<T, 1>(sum, M, N, nt, partial + sums * warps * 128, out);
     sums ^= 1;
@@ -525,17 +549,29 @@ W4Plan w4a16_plan(int M, int K, int N, int stream_sms) {
 
 namespace {
 
-// Blocks of `kernel` (`threads`, `smem` bytes of dynamic shared memory) resident per SM, after raising
-// its dynamic shared-memory limit where `smem` exceeds the default 48 KB. Cached: the answer is fixed.
+// Blocks of `kernel` (`threads` threads, `smem` bytes of dynamic shared memory) resident per SM of the
+// current device. Beyond the default 48 KB a kernel's dynamic shared memory needs an opt-in, which is set
+// once per kernel and device to the most the device allows, so that no launch lowers another's limit.
+// Cached: the answers are fixed.
 template <class Kernel>
 int resident_blocks(Kernel kernel, int threads, size_t smem) {
   static std::mutex mutex;
-  static std::map<std::pair<const void*, size_t>, int> known;
-  const std::pair<const void*, size_t> key{reinterpret_cast<const void*>(kernel), smem};
+  static std::map<std::tuple<const void*, int, int, size_t>, int> known;
+  static std::set<std::pair<const void*, int>> opted_in;
+  int device = 0;
+  LMD_CUDA_CHECK(cudaGetDevice(&device));
+  const void* fn = reinterpret_cast<const void*>(kernel);
   std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(fn, device, threads, smem);
   if (auto it = known.find(key); it != known.end()) return it->second;
-  if (smem > 48 * 1024)
-    LMD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  if (opted_in.insert({fn, device}).second) {
+    int optin = 0;
+    cudaFuncAttributes attr{};
+    LMD_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    LMD_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    LMD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        optin - int(attr.sharedSizeBytes)));
+  }
   int blocks = 0;
   LMD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
   if (blocks < 1)
