@@ -206,6 +206,7 @@ int main(int argc, char** argv) try {
     return 0;
   }
   const auto [copy_ms, copy_gbs] = copy_bandwidth(be, stream);
+  const auto [read_ms, read_gbs] = read_bandwidth(be, stream);
 
   const double lin_ms = median_ms(stream, 3, 50, [&] { step(1, context, 0); });
   const int gemv_rows = be.dense_gemv_max_rows();
@@ -283,6 +284,9 @@ int main(int argc, char** argv) try {
               shape.name, int4 ? "W4A16 g128" : std::string(dtype_name(dt)).c_str(), context);
   std::printf("|---|---|---|---|---|\n");
   std::printf("| device-to-device copy, 2 GiB | %.3f ms | | %.0f GB/s (read+write) | |\n", copy_ms, copy_gbs);
+  std::printf("| device read, 2 GiB | %.3f ms | | %.0f GB/s (read only) | |\n", read_ms, read_gbs);
+  std::printf("| the linears below against the read-only bandwidth | | | | %.0f%% |\n",
+              100.0 * (linear_bytes / (read_gbs * 1e6)) / lin_ms);
   std::printf("| 4 linears x 32 layers + lm_head (%s) | %.3f ms | | %.0f GB/s | %.0f%% |\n",
               int4 ? "W4A16 GEMV, lm_head dense GEMV" : "dense GEMV", lin_ms, linear_bytes / lin_ms / 1e6,
               100.0 * (linear_bytes / (copy_gbs * 1e6)) / lin_ms);

@@ -1,5 +1,5 @@
 // Shared by the CUDA micro-benchmarks: CUDA-event timing, the device-to-device copy bandwidth they are
-// measured against, and random int4 (AWQ) linears.
+// measured against (and the read-only bandwidth beside it), and random int4 (AWQ) linears.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -51,6 +51,21 @@ inline std::pair<double, double> copy_bandwidth(Backend& be, cudaStream_t stream
     LMD_BENCH_CHECK(cudaMemcpyAsync(dst.data, src.data, src.nbytes(), cudaMemcpyDeviceToDevice, stream));
   });
   return {ms, 2.0 * double(src.nbytes()) / ms / 1e6};
+}
+
+// Reads every 16-byte word of data[0, bytes) once on `stream` (read_bandwidth.cu), folding them into *out.
+cudaError_t read_all(const void* data, int64_t bytes, unsigned* out, cudaStream_t stream);
+
+// Reading 2 GiB once: {milliseconds, GB/s of bytes read}. A GEMV only reads its weights, and reads alone
+// may stream faster than a copy's mix of reads and writes: the headroom a GEMV at some fraction of the
+// copy rate still has.
+inline std::pair<double, double> read_bandwidth(Backend& be, cudaStream_t stream) {
+  DeviceTensor src = be.alloc(DType::U8, {int64_t(2) << 30}), out = be.alloc(DType::I32, {1});
+  LMD_BENCH_CHECK(cudaMemsetAsync(src.data, 1, src.nbytes(), stream));
+  const double ms = median_ms(stream, 3, 20, [&] {
+    LMD_BENCH_CHECK(read_all(src.data, int64_t(src.nbytes()), static_cast<unsigned*>(out.data), stream));
+  });
+  return {ms, double(src.nbytes()) / ms / 1e6};
 }
 
 // Bytes of an AWQ linear as the checkpoint stores them: 4-bit codes, 4-bit zeros, fp16 scales.

@@ -39,6 +39,7 @@ int main() try {
   auto stream = static_cast<cudaStream_t>(be.stream());
   std::printf("device: %s\n", cuda_device_name().c_str());
   const auto [copy_ms, copy_gbs] = copy_bandwidth(be, stream);
+  const auto [read_ms, read_gbs] = read_bandwidth(be, stream);
 
   // Per shape: 32 int4 copies (one random host tensor uploaded 32 times) and 32 fp16 copies.
   std::mt19937 rng(1);
@@ -112,6 +113,8 @@ int main() try {
   both(all_name, total_bytes, -1);
   std::printf("| device-to-device copy, 2 GiB (read + write) | %.3f ms | %.0f | 100%% |\n", copy_ms,
               copy_gbs);
+  std::printf("| device read, 2 GiB (read only) | %.3f ms | %.0f | %.0f%% |\n", read_ms, read_gbs,
+              100.0 * read_gbs / copy_gbs);
 
   std::printf(
       "\n| rows | fp16 cuBLAS | fp16 GEMV | W4A16 GEMV | W4A16 streaming GEMV | W4A16 dequant + cuBLAS | "
