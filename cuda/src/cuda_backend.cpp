@@ -155,6 +155,17 @@ struct CudaState {
       if (g.exec) cudaGraphExecDestroy(g.exec);
     graphs.clear();
   }
+  // Before a setting that chooses kernels changes (`setter` names it): the captured decode steps launch
+  // the kernels chosen before, so they are captured again.
+  void kernels_changing(const char* setter) {
+    if (mode != Mode::Eager) fail(setter, " inside a graph step");
+    LMD_CUDA_CHECK(cudaStreamSynchronize(stream));
+    drop_graphs();
+  }
+  // The int4 GEMV's launch shape under the current settings.
+  cuda::W4Plan w4_plan(int64_t rows, int64_t in, int64_t out) const {
+    return cuda::w4a16_plan(int(rows), int(in), int(out), w4_stream ? sms : 0);
+  }
   Mode mode = Mode::Eager;
   std::pair<int, int> graph_key;
   Graph* graph = nullptr;
@@ -647,7 +658,7 @@ void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTen
     else
       gemm(x, w.weight.data, in, outf, tokens, out);
   } else if (tokens < st.w4_dense_from) {
-    const cuda::W4Plan plan = cuda::w4a16_plan(int(tokens), int(in), int(outf), st.w4_stream ? st.sms : 0);
+    const cuda::W4Plan plan = st.w4_plan(tokens, in, outf);
     if (plan.wide && st.w4_x_fragments.nbytes() < size_t(cuda::kW4GemvChunkRows * in) * sizeof(uint16_t))
       fail("CUDA linear: the int4 GEMV workspace was not reserved for ", in, " inputs");
     cuda::w4a16_gemv(x.dtype, x.data, int(in), w.group_size, w.qweight.as<int32_t>(), w.scales.data, plan,
@@ -684,8 +695,7 @@ bool CudaBackend::fused_linear(const DeviceTensor& x, const DeviceLinear& w, Dev
                      st.stream, pro);
   else
     cuda::w4a16_gemv(x.dtype, nullptr, int(in), w.group_size, w.qweight.as<int32_t>(), w.scales.data,
-                     cuda::w4a16_plan(int(tokens), int(in), int(outf), st.w4_stream ? st.sms : 0), nullptr,
-                     out.data, st.stream, pro);
+                     st.w4_plan(tokens, in, outf), nullptr, out.data, st.stream, pro);
   if (!w.bias.empty()) {
     require_same(x, w.bias, "linear bias");
     cuda::add_bias(x.dtype, out.data, w.bias.data, tokens, int(outf), st.stream);
@@ -726,23 +736,18 @@ void CudaBackend::silu_mul_linear(const DeviceTensor& gate_up, const DeviceLinea
 
 void CudaBackend::set_fused_ops(unsigned ops) {
   CudaState& st = *state_;
-  if (st.mode != CudaState::Mode::Eager) fail("set_fused_ops inside a graph step");
   if (ops & ~unsigned(kFuseAll)) fail("set_fused_ops: unknown flags ", ops);
   if (ops == st.fused_ops) return;
+  st.kernels_changing("set_fused_ops");
   st.fused_ops = ops;
-  // The captured decode steps launch the kernels chosen before: they are captured again.
-  LMD_CUDA_CHECK(cudaStreamSynchronize(st.stream));
-  st.drop_graphs();
 }
 
 void CudaBackend::set_w4a16_dense_from(int rows) { state_->w4_dense_from = rows; }
 void CudaBackend::set_w4a16_stream(bool on) {
   CudaState& st = *state_;
-  if (st.mode != CudaState::Mode::Eager) fail("set_w4a16_stream inside a graph step");
   if (on == st.w4_stream) return;
+  st.kernels_changing("set_w4a16_stream");
   st.w4_stream = on;
-  LMD_CUDA_CHECK(cudaStreamSynchronize(st.stream));
-  st.drop_graphs();  // the captured steps launch the kernels chosen before
 }
 void CudaBackend::set_dense_gemv_max_rows(int rows) {
   state_->dense_gemv_max_rows = std::min(rows, cuda::kDenseGemvMaxRows);
