@@ -91,11 +91,14 @@ TEST_CASE("attention plans: splits cover every key once, and a graph step's grid
       for (const AttnWork& w : eager.work) CHECK(w.kv_end > w.kv_begin);
 
       // Graph: the same work-item count at every context up to the stride's capacity, whose plans all
-      // cover their keys; no more splits than an eager step would take at that capacity.
+      // cover their keys; no more splits than 32-key chunks of that capacity, and the splits holding
+      // keys cut as the device-filling count cuts them (32 keys each, once it is that large).
       const AttnPlan graph = plan_attention(seqs, sh.heads, 2, g, kSms, stride);
       const auto splits = check_cover(graph, seqs, g);
       const int capacity = stride * sh.block_len;
-      for (const auto& [key, n] : splits) CHECK(n <= std::max(1, (capacity + 127) / 128));
+      for (const auto& [key, n] : splits) CHECK(n <= (capacity + 31) / 32);
+      for (const AttnWork& w : graph.work)
+        if (w.kv_end > w.kv_begin && w.kv_end < w.first_pos + 1) CHECK((w.kv_end - w.kv_begin) % 32 == 0);
       std::vector<SeqSlice> grown = seqs;
       for (int step = 0; step < 3; ++step) {
         for (SeqSlice& q : grown) q.context_len = std::min(q.context_len + 37, capacity - 1);
@@ -120,11 +123,12 @@ TEST_CASE("attention plans: long contexts split until the grid fills the device"
   const KvGeometry llama{2, 32, 128, 16, 0, 0}, internlm2{2, 8, 128, 16, 0, 0};
   CHECK(plan_attention(seqs, 32, 2, llama, kSms, 512).work.size() == 9);
   CHECK(plan_attention(seqs, 16, 2, internlm2, kSms, 512).work.size() == 33);
-  // The same sequence at 100 tokens, in a graph of 8 blocks (128 keys): one split, no merge.
+  // InternLM2-1.8B at 100 tokens, in a graph of 8 blocks of 16 (128 keys): 4 splits of 32 keys, none
+  // empty, rather than 33 (of which 29 could never hold a key), merged once per KV head.
   const std::vector<SeqSlice> short_seq = decode_seqs({100}, 16);
-  const AttnPlan one = plan_attention(short_seq, 32, 2, llama, kSms, 8);
-  CHECK(one.work.size() == 1);
-  CHECK(one.combine.empty());
-  CHECK(one.work[0].partial < 0);
+  const AttnPlan four = plan_attention(short_seq, 16, 2, internlm2, kSms, 8);
+  REQUIRE(four.work.size() == 4);
+  for (const AttnWork& w : four.work) CHECK(w.kv_end - w.kv_begin == (w.kv_begin < 96 ? 32 : 5));
+  CHECK(four.combine.size() == 1);
 }
 #endif

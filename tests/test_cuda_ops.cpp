@@ -453,14 +453,14 @@ TEST_CASE("cuda: rope_kv_write and paged attention match the CPU", "[gpu]") {
   worst.report();
 }
 
-// Decode steps as CUDA graph steps, whose plans split every item as an eager step would split the
-// longest context the graph's block stride holds, up to as many ways as fill the device (splits past
-// the context are empty; test_attn_plan.cpp checks the plans): on an H100 (132 SMs), 8 ways for one
-// sequence of Llama-2-7B's 32 KV heads at 1000 tokens, 2 for one KV head at 250 (the int8/int4 kernels
-// deal the 8 heads of the group over 4 and 8 row blocks, each with its own merge), none for 3 short
-// sequences over 4 KV heads, 2 for 40 sequences over 4, 8 for a 700-token and an empty sequence over
-// InternLM2's 8 (most of the second's empty), 64 for one KV head at 8000 tokens. The last split block of
-// each merge merges it: a replay finds every arrival counter back at zero, or rows go unwritten (NaN).
+// Decode steps as CUDA graph steps, whose plans split every item as many ways as fill the device, or
+// into as many 32-key chunks as the graph's block stride holds if fewer (splits past the context are
+// empty; test_attn_plan.cpp checks the plans): on an H100 (132 SMs), 9 ways for one sequence of
+// Llama-2-7B's 32 KV heads at 1000 tokens, 8 for one KV head at 250 (all hold keys, and the int8/int4
+// kernels deal the 8 heads of the group over 4 and 8 row blocks, each with its own merge), 4 for 3 short
+// sequences over 4 KV heads, 2 for 40 sequences over 4, 17 for a 700-token and an empty sequence over
+// InternLM2's 8, 256 for one KV head at 8000 tokens. The last split block of each merge merges it: a
+// replay finds every arrival counter back at zero, or rows go unwritten (NaN).
 // Each case runs again as rope_kv_attention with fused ops on (16-bit activations): the decode attention
 // kernel rotates q and k itself and writes the new token's K/V, which later steps attend over; over a
 // quantized cache and at head_dim 8 the op runs as its two ops. Cases 4 and 5 add InternLM2-1.8B's

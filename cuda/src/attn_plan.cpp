@@ -62,14 +62,14 @@ AttnPlan plan_attention(const std::vector<SeqSlice>& seqs, int heads, int elem_b
   const int64_t base_blocks = int64_t(items.size()) * g.kv_heads;
   const int want = int(std::max<int64_t>(1, (2 * sms + base_blocks - 1) / base_blocks));
 
-  // A graph step keeps the grid and the metadata sizes of its shape: every item gets the splits an eager
-  // step would give the longest context the graph serves (its stride of blocks), at most `want` (the
-  // ones past the context are empty and merge as nothing), and block lists are padded to the stride.
-  // (With `want` splits at any context, a 128-token InternLM2-1.8B decode ran 264 attention blocks a
-  // layer, most of them empty, each still taking part in its merge.)
+  // A graph step keeps the grid and the metadata sizes of its shape: every item gets `want` splits, but
+  // no more than the 32-key chunks that the most keys its stride of blocks holds make (splits past the
+  // context are empty and merge as nothing; those past that many never hold a key while the graph
+  // serves), and block lists are padded to the stride. Splits are cut in multiples of 32 keys, so the
+  // ones holding keys are the same either way. (With `want` at any context, a 128-token InternLM2-1.8B
+  // decode ran 264 attention blocks a layer, 224 of them empty, each still taking part in its merge.)
   const bool graph = graph_stride > 0;
-  const int graph_splits =
-      std::clamp((graph_stride * g.block_len + kMinKeysPerSplit - 1) / kMinKeysPerSplit, 1, want);
+  const int graph_splits = std::clamp((graph_stride * g.block_len + 31) / 32, 1, want);
   std::vector<int> block_off(seqs.size());
   for (size_t s = 0; s < seqs.size(); ++s) {
     block_off[s] = int(plan.blocks.size());

@@ -19,9 +19,9 @@ struct AttnPlan {
 };
 
 // `sms`: multiprocessors of the device (long cache ranges are split until the grid fills them).
-// `graph_stride` > 0 plans a graph step (decode only): every item gets the same number of splits (those
-// of an eager step at the most keys `graph_stride` blocks hold) and block lists are padded to
-// `graph_stride` entries, so that the metadata keeps its sizes between steps.
+// `graph_stride` > 0 plans a graph step (decode only): every item gets the same number of splits (as
+// many as fill the device, or as many 32-key chunks as `graph_stride` blocks hold if fewer) and block
+// lists are padded to `graph_stride` entries, so that the metadata keeps its sizes between steps.
 AttnPlan plan_attention(const std::vector<SeqSlice>& seqs, int heads, int elem_bytes, const KvGeometry& g,
                         int sms, int graph_stride);
 
