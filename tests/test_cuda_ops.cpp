@@ -93,9 +93,11 @@ TEST_CASE("cuda: the small-batch dense GEMV matches the CPU and cuBLAS", "[gpu]"
   for (DType dt : {DType::F16, DType::BF16})
     for (DType out_dt : {dt, DType::F32})  // F32: the logits of a 16-bit model
       for (int tokens : {1, 2, 3, 4})
-        // K of one partial 256-input pass (1000), of many (4104), a width that is not a multiple of the
-        // 8 outputs per block (173), and Llama-2-7B's fused gate|up.
-        for (auto [in, out] : {std::pair{1000, 173}, std::pair{4104, 64}, std::pair{4096, 22016}}) {
+        // K of one partial 256-input pass (1000), of many (4104), widths that are not a multiple of the
+        // 8 outputs per block (173), and Llama-2-7B's fused gate|up; the streaming GEMV takes the K that
+        // are multiples of 256 (2048, 4096).
+        for (auto [in, out] :
+             {std::pair{1000, 173}, std::pair{4104, 64}, std::pair{2048, 173}, std::pair{4096, 22016}}) {
           if (in * out > 4096 * 4096 && tokens > 1) continue;
           INFO(dtype_name(dt) << " -> " << dtype_name(out_dt) << " tokens " << tokens << " " << in << "->"
                               << out);
@@ -108,17 +110,23 @@ TEST_CASE("cuda: the small-batch dense GEMV matches the CPU and cuBLAS", "[gpu]"
           DeviceTensor cout = cpu.alloc(DType::F32, {tokens, out});
           cpu.linear(on(cpu, x, {tokens, in}, DType::F32), cl, cout);
           const DeviceTensor gx = on(gpu, x, {tokens, in}, dt);
-          std::vector<float> by_path[2];
-          for (int gemv : {1, 0}) {
-            gpu.set_dense_gemv_max_rows(gemv ? 4 : 0);
+          // The GEMV (plain, then streaming) and cuBLAS.
+          std::vector<float> by_path[3];
+          const char* names[] = {"dense cuBLAS", "dense gemv", "dense streaming gemv"};
+          for (int path : {1, 2, 0}) {
+            gpu.set_dense_gemv_max_rows(path > 0 ? 4 : 0);
+            gpu.set_dense_gemv_stream(path == 2);
             Guarded g = guarded(gpu, out_dt, {tokens, out});
             gpu.linear(gx, gl, g.view);
             check_written(gpu, g);
-            by_path[gemv] = values(gpu, g.view);
-            CHECK(worst.add(gemv ? "dense gemv" : "dense cuBLAS", dt,
-                            test::rel_error(by_path[gemv], values(cpu, cout))) < tolerance(dt));
+            by_path[path] = values(gpu, g.view);
+            CHECK(worst.add(names[path], dt, test::rel_error(by_path[path], values(cpu, cout))) <
+                  tolerance(dt));
           }
+          gpu.set_dense_gemv_stream(false);
           CHECK(test::rel_error(by_path[1], by_path[0]) < tolerance(dt));
+          // The same sums in the same order: the same bits.
+          CHECK(by_path[2] == by_path[1]);
         }
   worst.report();
 }
@@ -232,13 +240,14 @@ TEST_CASE("cuda: add_rmsnorm_linear and silu_mul_linear, fused into the GEMVs, m
     for (DType dt : {DType::F16, DType::BF16}) {
       const DeviceLinear gl = gpu.prepare_linear(w, dt);
       REQUIRE(gl.is_int4() == c.int4);
-      // Rows, and whether int4 linears run the streaming GEMV.
+      // Rows, and whether the GEMVs are the streaming ones.
       const std::pair<int64_t, bool> runs[] = {{1, false}, {1, true}, {2, false}, {2, true},
                                                {3, false}, {5, true}, {9, false}};
       for (const auto& [rows, stream] : runs) {
-        if (!c.int4 && (rows > 4 || stream)) continue;  // the dense GEMV's rows
+        if (!c.int4 && rows > 4) continue;  // the dense GEMV's rows
         gpu.set_dense_gemv_max_rows(4);
         gpu.set_w4a16_stream(stream);
+        gpu.set_dense_gemv_stream(stream);
         INFO(c.in << " -> " << c.out << (c.int4 ? " int4 " : " dense ") << dtype_name(dt) << " rows " << rows
                   << (stream ? " streaming" : ""));
         // add_rmsnorm_linear: the residual and the output, against the CPU's two ops.
@@ -617,10 +626,11 @@ TEST_CASE("cuda: wt2-llama-22m logits and greedy ids match transformers", "[gpu]
   CudaBackend gpu;
   auto model = Model::load(dir, gpu);
   REQUIRE(model->activation_dtype() == DType::F16);
-  // Decode steps as two ops per norm and SwiGLU, then fused into the GEMVs.
+  // Decode steps as two ops per norm and SwiGLU, then fused into the GEMVs (and the streaming GEMV).
   for (bool fused : {false, true}) {
     gpu.set_fused_ops(fused ? kFuseAll : kFuseNone);
-    const char* how = fused ? " (fused)" : "";
+    gpu.set_dense_gemv_stream(fused);  // the down projections (1024 inputs) then stream
+    const char* how = fused ? " (fused, streaming GEMV)" : "";
     for (const auto& [prompt, data] : ref["prompts"].items()) {
       INFO(prompt << how);
       const std::vector<int> ids = data["input_ids"];

@@ -126,6 +126,12 @@ struct CudaState {
     return env != nullptr && std::string_view(env) == "1";
   }();
   int dense_gemv_max_rows = cuda::kDenseGemvDefaultRows;
+  // The streaming dense GEMV (dense_gemv.cu), off unless LMD_DENSE_STREAM=1: written in a session without
+  // a GPU, not yet measured against the GEMV it would replace.
+  bool dense_stream = [] {
+    const char* env = std::getenv("LMD_DENSE_STREAM");
+    return env != nullptr && std::string_view(env) == "1";
+  }();
   DeviceTensor w4_dense;
   DeviceTensor w4_x_fragments;  // the activations of the wide GEMV in fragment order (w4a16.h)
   // Arrival counters of the decode attention kernel's merges (kept zero between launches), sized at
@@ -654,7 +660,7 @@ void CudaBackend::linear(const DeviceTensor& x, const DeviceLinear& w, DeviceTen
     if (tokens <= st.dense_gemv_max_rows &&
         cuda::dense_gemv_supported(x.dtype, out.dtype, int(tokens), int(in)))
       cuda::dense_gemv(x.dtype, out.dtype, x.data, w.weight.data, int(tokens), int(in), int(outf), out.data,
-                       st.stream);
+                       st.stream, {}, st.dense_stream ? st.sms : 0);
     else
       gemm(x, w.weight.data, in, outf, tokens, out);
   } else if (tokens < st.w4_dense_from) {
@@ -692,7 +698,7 @@ bool CudaBackend::fused_linear(const DeviceTensor& x, const DeviceLinear& w, Dev
   if (tokens == 0 || replaying()) return true;
   if (dense)
     cuda::dense_gemv(x.dtype, out.dtype, nullptr, w.weight.data, int(tokens), int(in), int(outf), out.data,
-                     st.stream, pro);
+                     st.stream, pro, st.dense_stream ? st.sms : 0);
   else
     cuda::w4a16_gemv(x.dtype, nullptr, int(in), w.group_size, w.qweight.as<int32_t>(), w.scales.data,
                      st.w4_plan(tokens, in, outf), nullptr, out.data, st.stream, pro);
@@ -748,6 +754,12 @@ void CudaBackend::set_w4a16_stream(bool on) {
   if (on == st.w4_stream) return;
   st.kernels_changing("set_w4a16_stream");
   st.w4_stream = on;
+}
+void CudaBackend::set_dense_gemv_stream(bool on) {
+  CudaState& st = *state_;
+  if (on == st.dense_stream) return;
+  st.kernels_changing("set_dense_gemv_stream");
+  st.dense_stream = on;
 }
 void CudaBackend::set_dense_gemv_max_rows(int rows) {
   state_->dense_gemv_max_rows = std::min(rows, cuda::kDenseGemvMaxRows);

@@ -2,8 +2,10 @@
 // Llama-2-7B layer at one row (docs/benchmarks.md); a decode step reads every weight once, so that
 // shortfall is most of the gap to the bound. This kernel gives each output row to one warp, which
 // streams the row with 16-byte loads, eight per lane in flight, and keeps the few activation rows in L1.
+#include <algorithm>
 #include <type_traits>
 
+#include "cp_async.cuh"
 #include "cuda_check.h"
 #include "device_types.cuh"
 #include "gemv_input.cuh"
@@ -89,6 +91,96 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// Streaming version (off unless chosen: CudaBackend::set_dense_gemv_stream, LMD_DENSE_STREAM=1; K a
+// multiple of 256). Above, each warp requests 8 of its row's 16-byte words a lane, waits, multiplies, and
+// requests the next 8, and blocks come and go in waves (1.45 of them for Llama-2-7B's q|k|v on an H100),
+// so an SM's loads in flight rise and fall. Here a persistent grid (as many blocks as fit on the SMs)
+// gives each warp rows n, n + the grid's warps, ..., and the warp keeps its next kStreamRing 512-byte
+// chunks of them (a word a lane) in flight through cp.async into a ring in shared memory, across row
+// ends; a fused prologue stages the input rows once per block. Each lane reads back only the ring words
+// it copied itself.
+constexpr unsigned kStreamRing = 16;  // chunks in flight a warp (8 KB); a power of two
+constexpr int kStreamRingBytes = kWarps * kStreamRing * 512;
+
+template <class T, class TOut, int MR, GemvPrologueKind P>
+__global__ void __launch_bounds__(kWarps * 32, 2)
+    dense_stream_kernel(const T* __restrict__ x, const T* __restrict__ w, int K, int N,
+                        TOut* __restrict__ out, PrologueArgs<T> pro) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  chain_release();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned chunks = unsigned(K) / 256, row_step = gridDim.x * kWarps;
+  // 0 (N > 0), but not to the compilers: `word & zero` is an instruction that waits for `word`'s load.
+  const unsigned zero = unsigned(N) >> 31;
+  // This lane's word of ring slot s is at ring + 512 s.
+  const uint32_t ring = smem_addr(smem) + (warp * kStreamRing * 32 + lane) * 16;
+
+  // Requests the warp's next chunk into ring slot `slot`. Weights are never written during a step: the
+  // first round goes before waiting for the kernel that writes x. `dep` (0) orders the request after
+  // the slot's previous contents were read.
+  unsigned next_row = blockIdx.x * kWarps + warp, next_chunk = 0;
+  const T* next_src = w + uint64_t(next_row) * unsigned(K) + lane * 8;
+  const uint64_t row_jump = uint64_t(row_step - 1) * unsigned(K);
+  auto issue = [&](unsigned slot, unsigned dep) {
+    if (next_row < unsigned(N)) {
+      cp_async16(ring + slot * 512, next_src, 16 + int(dep));
+      next_src += 256;
+      if (++next_chunk == chunks) next_chunk = 0, next_row += row_step, next_src += row_jump;
+    }
+    cp_async_commit();  // possibly empty, so that a chunk's group is always the oldest of kStreamRing
+  };
+#pragma unroll
+  for (unsigned slot = 0; slot < kStreamRing; ++slot) issue(slot, 0);
+  chain_wait();
+  if constexpr (P != GemvPrologueKind::None) {
+    T* staged = reinterpret_cast<T*>(smem + kStreamRingBytes);
+    stage_gemv_input<P>(pro, MR, K, staged);
+    x = staged;
+  }
+  // x's words of chunk c for the MR rows.
+  auto load_x = [&](unsigned c, uint4(&xv)[MR]) {
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+      const uint4* xr = reinterpret_cast<const uint4*>(x + int64_t(m) * K) + c * 32 + lane;
+      if constexpr (P == GemvPrologueKind::None)
+        xv[m] = __ldg(xr);
+      else
+        xv[m] = *xr;
+    }
+  };
+
+  unsigned slot = 0;
+  for (unsigned n = blockIdx.x * kWarps + warp; n < unsigned(N); n += row_step) {
+    float acc[MR] = {};
+    uint4 xv[2][MR];  // x of this chunk and the next, in turn: requested a chunk ahead of its use
+    load_x(0, xv[0]);
+    auto chunk = [&](unsigned c, const uint4(&cur)[MR], uint4(&next)[MR]) {
+      if (c + 1 < chunks) load_x(c + 1, next);
+      cp_async_wait<kStreamRing - 1>();
+      uint4 wv;
+      asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                   : "=r"(wv.x), "=r"(wv.y), "=r"(wv.z), "=r"(wv.w)
+                   : "r"(ring + slot * 512)
+                   : "memory");
+#pragma unroll
+      for (int m = 0; m < MR; ++m) acc[m] = dot8<T>(wv, cur[m], acc[m]);
+      issue(slot, wv.x & zero);
+      slot = (slot + 1) & (kStreamRing - 1);
+    };
+    unsigned c = 0;
+    for (; c + 1 < chunks; c += 2) {
+      chunk(c, xv[0], xv[1]);
+      chunk(c + 1, xv[1], xv[0]);
+    }
+    if (c < chunks) chunk(c, xv[0], xv[1]);
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+      const float sum = warp_sum(acc[m]);
+      if (lane == 0) out[int64_t(m) * N + n] = from_f32<TOut>(sum);
+    }
+  }
+}
+
 }  // namespace
 
 bool dense_gemv_supported(DType dtype, DType out_dtype, int rows, int K, GemvPrologueKind pro) {
@@ -98,30 +190,40 @@ bool dense_gemv_supported(DType dtype, DType out_dtype, int rows, int K, GemvPro
 }
 
 void dense_gemv(DType dtype, DType out_dtype, const void* x, const void* w, int rows, int K, int N, void* out,
-                cudaStream_t stream, const GemvPrologue& pro) {
+                cudaStream_t stream, const GemvPrologue& pro, int stream_sms) {
   if (!dense_gemv_supported(dtype, out_dtype, rows, K, pro.kind))
     fail("dense GEMV: unsupported case (", dtype_name(dtype), " -> ", dtype_name(out_dtype), ", ", rows,
          " rows, ", K, " inputs)");
   const int blocks = (N + kWarps - 1) / kWarps;
-  const size_t smem = pro.kind == GemvPrologueKind::None ? 0 : size_t(rows) * K * dtype_size(dtype);
+  const size_t staged = pro.kind == GemvPrologueKind::None ? 0 : size_t(rows) * K * dtype_size(dtype);
   auto run = [&](auto tag, auto out_tag) {
     using T = decltype(tag);
     using TOut = decltype(out_tag);
     auto launch = [&](auto rows_tag) {
       constexpr int MR = decltype(rows_tag)::value;
-      auto go = [&](auto kernel) {
-        launch_chained(kernel, blocks, kWarps * 32, smem, stream, static_cast<const T*>(x),
-                       static_cast<const T*>(w), K, N, static_cast<TOut*>(out), prologue_args<T>(pro));
+      auto go = [&](auto kernel, auto stream_kernel) {
+        if (stream_sms > 0 && K % 256 == 0) {
+          const size_t smem = kStreamRingBytes + staged;
+          const int grid = std::min(blocks, resident_blocks(stream_kernel, kWarps * 32, smem) * stream_sms);
+          launch_chained(stream_kernel, grid, kWarps * 32, smem, stream, static_cast<const T*>(x),
+                         static_cast<const T*>(w), K, N, static_cast<TOut*>(out), prologue_args<T>(pro));
+        } else {
+          launch_chained(kernel, blocks, kWarps * 32, staged, stream, static_cast<const T*>(x),
+                         static_cast<const T*>(w), K, N, static_cast<TOut*>(out), prologue_args<T>(pro));
+        }
       };
       switch (pro.kind) {
         case GemvPrologueKind::None:
-          go(dense_gemv_kernel<T, TOut, MR, GemvPrologueKind::None>);
+          go(dense_gemv_kernel<T, TOut, MR, GemvPrologueKind::None>,
+             dense_stream_kernel<T, TOut, MR, GemvPrologueKind::None>);
           break;
         case GemvPrologueKind::AddNorm:
-          go(dense_gemv_kernel<T, TOut, MR, GemvPrologueKind::AddNorm>);
+          go(dense_gemv_kernel<T, TOut, MR, GemvPrologueKind::AddNorm>,
+             dense_stream_kernel<T, TOut, MR, GemvPrologueKind::AddNorm>);
           break;
         case GemvPrologueKind::SiluMul:
-          go(dense_gemv_kernel<T, TOut, MR, GemvPrologueKind::SiluMul>);
+          go(dense_gemv_kernel<T, TOut, MR, GemvPrologueKind::SiluMul>,
+             dense_stream_kernel<T, TOut, MR, GemvPrologueKind::SiluMul>);
           break;
       }
     };

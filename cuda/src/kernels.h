@@ -37,8 +37,10 @@ inline constexpr int kGemvPrologueMaxRows = 8;
 // 2 rows, lmd_bench_w4a16). With a prologue, x is unused and the input rows come from `pro`.
 inline constexpr int kDenseGemvMaxRows = 4, kDenseGemvDefaultRows = 1;
 bool dense_gemv_supported(DType dtype, DType out_dtype, int rows, int K, GemvPrologueKind pro = {});
+// stream_sms > 0: the streaming version (dense_gemv.cu) where K % 256 == 0, a persistent grid sized for
+// that many SMs.
 void dense_gemv(DType dtype, DType out_dtype, const void* x, const void* w, int rows, int K, int N, void* out,
-                cudaStream_t stream, const GemvPrologue& pro = {});
+                cudaStream_t stream, const GemvPrologue& pro = {}, int stream_sms = 0);
 
 // Threads of the rmsnorm kernel's block (one block a row): its sum of squares is split over them, and
 // the fused add+RMSNorm prologue splits it alike so that both round the same.

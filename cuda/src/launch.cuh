@@ -11,7 +11,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdlib>
+#include <map>
+#include <mutex>
+#include <set>
 #include <string_view>
+#include <tuple>
 #include <utility>
 
 #include "cuda_check.h"
@@ -68,6 +72,36 @@ void launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t sme
   config.attrs = &attr;
   config.numAttrs = chained() ? 1 : 0;
   LMD_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(std::forward<Args>(args))...));
+}
+
+// Blocks of `kernel` (`threads` threads, `smem` bytes of dynamic shared memory) resident per SM of the
+// current device: the grid of a persistent kernel. Beyond the default 48 KB a kernel's dynamic shared
+// memory needs an opt-in, which is set once per kernel and device to the most the device allows, so that
+// no launch lowers another's limit. Cached: the answers are fixed.
+template <class... Params>
+int resident_blocks(void (*kernel)(Params...), int threads, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int, size_t>, int> known;
+  static std::set<std::pair<const void*, int>> opted_in;
+  int device = 0;
+  LMD_CUDA_CHECK(cudaGetDevice(&device));
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(fn, device, threads, smem);
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  if (opted_in.insert({fn, device}).second) {
+    int optin = 0;
+    cudaFuncAttributes attr{};
+    LMD_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    LMD_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    LMD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        optin - int(attr.sharedSizeBytes)));
+  }
+  int blocks = 0;
+  LMD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
+  if (blocks < 1)
+    fail("a block of ", threads, " threads and ", smem, " bytes of shared memory does not fit an SM");
+  return known[key] = blocks;
 }
 
 }  // namespace lmd::cuda

@@ -2,11 +2,6 @@
 // (version 5 up to 32 rows; the wide GEMV from 33, after copying x into fragment order), and the
 // dequantization to a dense weight for cuBLAS at larger batches.
 #include <algorithm>
-#include <map>
-#include <mutex>
-#include <set>
-#include <tuple>
-#include <utility>
 
 #include "cp_async.cuh"
 #include "cuda_check.h"
@@ -546,40 +541,6 @@ W4Plan w4a16_plan(int M, int K, int N, int stream_sms) {
   }
   return p;
 }
-
-namespace {
-
-// Blocks of `kernel` (`threads` threads, `smem` bytes of dynamic shared memory) resident per SM of the
-// current device. Beyond the default 48 KB a kernel's dynamic shared memory needs an opt-in, which is set
-// once per kernel and device to the most the device allows, so that no launch lowers another's limit.
-// Cached: the answers are fixed.
-template <class Kernel>
-int resident_blocks(Kernel kernel, int threads, size_t smem) {
-  static std::mutex mutex;
-  static std::map<std::tuple<const void*, int, int, size_t>, int> known;
-  static std::set<std::pair<const void*, int>> opted_in;
-  int device = 0;
-  LMD_CUDA_CHECK(cudaGetDevice(&device));
-  const void* fn = reinterpret_cast<const void*>(kernel);
-  std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(fn, device, threads, smem);
-  if (auto it = known.find(key); it != known.end()) return it->second;
-  if (opted_in.insert({fn, device}).second) {
-    int optin = 0;
-    cudaFuncAttributes attr{};
-    LMD_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    LMD_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    LMD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        optin - int(attr.sharedSizeBytes)));
-  }
-  int blocks = 0;
-  LMD_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
-  if (blocks < 1)
-    fail("W4A16 GEMV: a block of ", threads, " threads and ", smem, " bytes does not fit an SM");
-  return known[key] = blocks;
-}
-
-}  // namespace
 
 bool w4a16_prologue_supported(DType dtype, int M, int K) {
   return (dtype == DType::F16 || dtype == DType::BF16) && M >= 1 && row_tiles(M) == 1 &&

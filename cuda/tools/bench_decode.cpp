@@ -209,6 +209,9 @@ int main(int argc, char** argv) try {
   const auto [read_ms, read_gbs] = read_bandwidth(be, stream);
 
   const double lin_ms = median_ms(stream, 3, 50, [&] { step(1, context, 0); });
+  be.set_dense_gemv_stream(true);
+  const double lin_stream_ms = median_ms(stream, 3, 50, [&] { step(1, context, 0); });
+  be.set_dense_gemv_stream(false);
   const int gemv_rows = be.dense_gemv_max_rows();
   be.set_dense_gemv_max_rows(0);
   const double lin_cublas_ms = median_ms(stream, 3, 50, [&] { step(1, context, 0); });
@@ -237,14 +240,12 @@ int main(int argc, char** argv) try {
   };
   const double full_graph_ms = graph_ms(kAllOps);
   const double fused_graph_ms = graph_ms(kAllOps, kFuseAll);
-  // int4: the same two with the streaming GEMV (W4Plan::stream).
-  double stream_graph_ms = -1, stream_fused_graph_ms = -1;
-  if (int4) {
-    be.set_w4a16_stream(true);
-    stream_graph_ms = graph_ms(kAllOps);
-    stream_fused_graph_ms = graph_ms(kAllOps, kFuseAll);
-    be.set_w4a16_stream(false);
-  }
+  // The same two with the streaming GEMVs (dense, and int4: W4Plan::stream).
+  be.set_dense_gemv_stream(true);
+  be.set_w4a16_stream(int4);
+  const double stream_graph_ms = graph_ms(kAllOps), stream_fused_graph_ms = graph_ms(kAllOps, kFuseAll);
+  be.set_dense_gemv_stream(false);
+  be.set_w4a16_stream(false);
   if (full_graph_ms < 0) std::printf("note: CUDA graph capture of the step failed\n");
   const std::pair<const char*, unsigned> left_out[] = {{"add_rmsnorm", kNorms},
                                                        {"rope_kv_write", kRopeKv},
@@ -290,6 +291,9 @@ int main(int argc, char** argv) try {
   std::printf("| 4 linears x 32 layers + lm_head (%s) | %.3f ms | | %.0f GB/s | %.0f%% |\n",
               int4 ? "W4A16 GEMV, lm_head dense GEMV" : "dense GEMV", lin_ms, linear_bytes / lin_ms / 1e6,
               100.0 * (linear_bytes / (copy_gbs * 1e6)) / lin_ms);
+  std::printf("| the same, the streaming dense GEMV (%s) | %.3f ms | | %.0f GB/s | %.0f%% |\n",
+              int4 ? "lm_head" : "every linear", lin_stream_ms, linear_bytes / lin_stream_ms / 1e6,
+              100.0 * (linear_bytes / (copy_gbs * 1e6)) / lin_stream_ms);
   std::printf("| the same, 16-bit weights through cuBLAS | %.3f ms | | %.0f GB/s | %.0f%% |\n", lin_cublas_ms,
               linear_bytes / lin_cublas_ms / 1e6, 100.0 * (linear_bytes / (copy_gbs * 1e6)) / lin_cublas_ms);
   std::printf("| decode step, all ops (%.2f GB read) | %.3f ms | %.1f tok/s | %.0f GB/s | %.0f%% |\n",
@@ -308,7 +312,7 @@ int main(int argc, char** argv) try {
                 fused_graph_ms, 1e3 / fused_graph_ms, bytes / fused_graph_ms / 1e6,
                 100.0 * floor_ms / fused_graph_ms);
   const std::pair<const char*, double> stream_rows[] = {
-      {"decode step, CUDA graph replay, streaming int4 GEMV", stream_graph_ms},
+      {"decode step, CUDA graph replay, streaming GEMVs", stream_graph_ms},
       {"the same with the fused ops", stream_fused_graph_ms}};
   for (const auto& [name, ms] : stream_rows)
     if (ms > 0)

@@ -100,6 +100,10 @@ class CudaBackend final : public Backend {
   // 16-bit dense linears of at most `rows` rows (default 1, capped at 4) run the warp-per-output GEMV,
   // larger ones cuBLAS; 0 forces cuBLAS everywhere (tests and benchmarks compare the two).
   void set_dense_gemv_max_rows(int rows);
+  // Those GEMVs over a multiple of 256 inputs run the streaming version (a persistent grid with its weights
+  // in flight through a shared-memory ring; default: LMD_DENSE_STREAM=1 in the environment). A change drops
+  // the decode-step graphs captured so far.
+  void set_dense_gemv_stream(bool on);
   int dense_gemv_max_rows() const;
   // Decode-step graphs so far: shapes captured, steps replayed, shapes that fell back to eager steps.
   struct GraphCounts {
