@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -241,13 +242,28 @@ TEST_CASE("cuda: add_rmsnorm_linear and silu_mul_linear, fused into the GEMVs, m
       const DeviceLinear gl = gpu.prepare_linear(w, dt);
       REQUIRE(gl.is_int4() == c.int4);
       // Rows, and whether the GEMVs are the streaming ones.
-      const std::pair<int64_t, bool> runs[] = {{1, false}, {1, true}, {2, false}, {2, true},
-                                               {3, false}, {5, true}, {9, false}};
-      for (const auto& [rows, stream] : runs) {
+      const std::pair<int64_t, bool> runs[] = {{1, false}, {1, true}, {2, false}, {2, true}, {3, false},
+                                               {3, true},  {4, true}, {5, true},  {9, false}};
+      for (const auto& run : runs) {
+        const int64_t rows = run.first;
+        const bool stream = run.second;
         if (!c.int4 && rows > 4) continue;  // the dense GEMV's rows
         gpu.set_dense_gemv_max_rows(4);
-        gpu.set_w4a16_stream(stream);
-        gpu.set_dense_gemv_stream(stream);
+        auto set_streaming = [&](bool on) {
+          gpu.set_w4a16_stream(on);
+          gpu.set_dense_gemv_stream(on);
+        };
+        set_streaming(stream);
+        // The streaming GEMVs sum as the plain ones do: `fused_op` (run with the fusion `fusion`) gives the
+        // same bits with them switched off.
+        auto same_bits_unstreamed = [&](unsigned fusion, const std::vector<float>& streamed,
+                                        const std::function<std::vector<float>()>& fused_op) {
+          if (!stream) return;
+          gpu.set_fused_ops(fusion);
+          set_streaming(false);
+          CHECK(fused_op() == streamed);
+          set_streaming(true);
+        };
         INFO(c.in << " -> " << c.out << (c.int4 ? " int4 " : " dense ") << dtype_name(dt) << " rows " << rows
                   << (stream ? " streaming" : ""));
         // add_rmsnorm_linear: the residual and the output, against the CPU's two ops.
@@ -282,6 +298,12 @@ TEST_CASE("cuda: add_rmsnorm_linear and silu_mul_linear, fused into the GEMVs, m
         CHECK(rel_error(by_path[1], by_path[0]) < tolerance(dt));
         // The sum is element-wise and rounded once: the same bits either way.
         CHECK(residual_by_path[1] == residual_by_path[0]);
+        same_bits_unstreamed(kFuseNorm, by_path[1], [&] {
+          DeviceTensor gres = on(gpu, res, {rows, c.in}, dt), gnorm = gpu.alloc(dt, {rows, c.in});
+          DeviceTensor y = gpu.alloc(dt, {rows, c.out});
+          gpu.add_rmsnorm_linear(gres, gx, gw, 1e-5f, gl, gnorm, y);
+          return values(gpu, y);
+        });
 
         // silu_mul_linear: gate|up of the linear's inputs.
         const auto gu = rounded(random_values(rng, rows * 2 * c.in, 2.f), dt);
@@ -298,6 +320,11 @@ TEST_CASE("cuda: add_rmsnorm_linear and silu_mul_linear, fused into the GEMVs, m
           const std::string op = std::string(fused ? "fused" : "unfused") + " silu_mul_linear";
           CHECK(worst.add(op, dt, rel_error(by_path[fused], values(cpu, cout))) < tolerance(dt));
         }
+        same_bits_unstreamed(kFuseSwiglu, by_path[1], [&] {
+          DeviceTensor gact = gpu.alloc(dt, {rows, c.in}), y = gpu.alloc(dt, {rows, c.out});
+          gpu.silu_mul_linear(ggu, gl, gact, y);
+          return values(gpu, y);
+        });
         CHECK(rel_error(by_path[1], by_path[0]) < tolerance(dt));
       }
     }

@@ -111,23 +111,22 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const unsigned chunks = unsigned(K) / 256, row_step = gridDim.x * kWarps;
   // 0 (N > 0), but not to the compilers: `word & zero` is an instruction that waits for `word`'s load.
-  const unsigned zero = unsigned(N) >> 31;
+  const uint32_t zero = unsigned(N) >> 31;
   // This lane's word of ring slot s is at ring + 512 s.
   const uint32_t ring = smem_addr(smem) + (warp * kStreamRing * 32 + lane) * 16;
 
-  // Requests the warp's next chunk into ring slot `slot`. Weights are never written during a step: the
-  // first round goes before waiting for the kernel that writes x. `dep` (0) orders the request after
-  // the slot's previous contents were read.
+  // Requests the warp's next chunk into ring slot `slot` (past the warp's last row: nothing, its
+  // bookkeeping runs on unused). Weights are never written during a step: the first round goes before
+  // waiting for the kernel that writes x. `dep` (0) is added to the destination so that the request
+  // waits for the slot's previous contents to be read.
   unsigned next_row = blockIdx.x * kWarps + warp, next_chunk = 0;
   const T* next_src = w + uint64_t(next_row) * unsigned(K) + lane * 8;
   const uint64_t row_jump = uint64_t(row_step - 1) * unsigned(K);
-  auto issue = [&](unsigned slot, unsigned dep) {
-    if (next_row < unsigned(N)) {
-      cp_async16(ring + slot * 512, next_src, 16 + int(dep));
-      next_src += 256;
-      if (++next_chunk == chunks) next_chunk = 0, next_row += row_step, next_src += row_jump;
-    }
+  auto issue = [&](unsigned slot, uint32_t dep) {
+    cp_async16_if(next_row < unsigned(N), ring + slot * 512 + dep, next_src);
     cp_async_commit();  // possibly empty, so that a chunk's group is always the oldest of kStreamRing
+    next_src += 256;
+    if (++next_chunk == chunks) next_chunk = 0, next_row += row_step, next_src += row_jump;
   };
 #pragma unroll
   for (unsigned slot = 0; slot < kStreamRing; ++slot) issue(slot, 0);
@@ -150,12 +149,14 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   };
 
   unsigned slot = 0;
+  // x of this chunk and the next, in turn: requested a chunk ahead of its use, the next row's first
+  // during a row's last chunk (every row multiplies the same x).
+  uint4 xv[2][MR];
+  load_x(0, xv[0]);
   for (unsigned n = blockIdx.x * kWarps + warp; n < unsigned(N); n += row_step) {
     float acc[MR] = {};
-    uint4 xv[2][MR];  // x of this chunk and the next, in turn: requested a chunk ahead of its use
-    load_x(0, xv[0]);
     auto chunk = [&](unsigned c, const uint4(&cur)[MR], uint4(&next)[MR]) {
-      if (c + 1 < chunks) load_x(c + 1, next);
+      load_x(c + 1 < chunks ? c + 1 : 0, next);
       cp_async_wait<kStreamRing - 1>();
       uint4 wv;
       asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
@@ -172,7 +173,11 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
       chunk(c, xv[0], xv[1]);
       chunk(c + 1, xv[1], xv[0]);
     }
-    if (c < chunks) chunk(c, xv[0], xv[1]);
+    if (c < chunks) {
+      chunk(c, xv[0], xv[1]);
+#pragma unroll
+      for (int m = 0; m < MR; ++m) xv[0][m] = xv[1][m];  // the next row's first chunk
+    }
 #pragma unroll
     for (int m = 0; m < MR; ++m) {
       const float sum = warp_sum(acc[m]);
@@ -202,7 +207,7 @@ void dense_gemv(DType dtype, DType out_dtype, const void* x, const void* w, int 
     auto launch = [&](auto rows_tag) {
       constexpr int MR = decltype(rows_tag)::value;
       auto go = [&](auto kernel, auto stream_kernel) {
-        if (stream_sms > 0 && K % 256 == 0) {
+        if (stream_sms > 0 && K >= 256 && K % 256 == 0) {
           const size_t smem = kStreamRingBytes + staged;
           const int grid = std::min(blocks, resident_blocks(stream_kernel, kWarps * 32, smem) * stream_sms);
           launch_chained(stream_kernel, grid, kWarps * 32, smem, stream, static_cast<const T*>(x),
