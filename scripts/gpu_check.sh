@@ -53,7 +53,7 @@ echo "build: ok"
 
 tests_rc=0
 if [[ -n "${LMD_GPU_TESTS-[gpu]}" ]]; then
-  timeout 300 "$BUILD/tests/lmd_tests" "${LMD_GPU_TESTS-[gpu]}" --durations yes >"$LOGS/gpu_tests.log" 2>&1
+  timeout 420 "$BUILD/tests/lmd_tests" "${LMD_GPU_TESTS-[gpu]}" --durations yes >"$LOGS/gpu_tests.log" 2>&1
   tests_rc=$?
   grep -E -A3 "warning:|FAILED|failed|passed|with expansion" "$LOGS/gpu_tests.log" | grep -v "^--$" | tail -60
   echo "gpu tests exit code: $tests_rc"
