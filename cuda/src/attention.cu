@@ -304,8 +304,11 @@ __device__ __forceinline__ void rope_rotate(float (&x)[E], int sub, int lanes, i
     const int d = sub * E + e, f = d < half ? d : d - half;
     const float angle = float(pos) * freq[f];
     const float c = cosf(angle), s = sinf(angle);
-    // Rounded as rope_kv_kernel pins it: x1 c - x2 s and x2 c + x1 s, the product with s rounded first.
-    rotated[e] = __fmaf_rn(x[e], c, d < half ? -__fmul_rn(partner, s) : __fmul_rn(partner, s));
+    // Rounded as rope_kv_kernel pins it: x1 c - x2 s as fma(x1, c, -(x2 s)), x2 c + x1 s as
+    // fma(x1, s, x2 c), each product inside rounded first (x1 is x[e] in the first half, the partner in
+    // the second).
+    rotated[e] =
+        d < half ? __fmaf_rn(x[e], c, -__fmul_rn(partner, s)) : __fmaf_rn(partner, s, __fmul_rn(x[e], c));
   }
 #pragma unroll
   for (int e = 0; e < E; ++e) x[e] = to_f32(from_f32<T>(rotated[e]));

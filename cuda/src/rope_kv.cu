@@ -37,9 +37,10 @@ __global__ void __launch_bounds__(kRopeWarps * 32)
       const float angle = float(pos) * freq[f];
       const float c = cosf(angle), s = sinf(angle);
       const float x1 = to_f32(v[f]), x2 = to_f32(v[f + half]);
-      // The roundings are pinned so that the decode attention's fused rotation (rope_rotate) matches.
+      // The roundings are pinned (to what nvcc chose for x1 c - x2 s and x2 c + x1 s before) so that the
+      // decode attention's fused rotation (rope_rotate) rounds alike.
       buf[f] = __fmaf_rn(x1, c, -__fmul_rn(x2, s));
-      buf[f + half] = __fmaf_rn(x2, c, __fmul_rn(x1, s));
+      buf[f + half] = __fmaf_rn(x1, s, __fmul_rn(x2, c));
       v[f] = from_f32<T>(buf[f]);
       v[f + half] = from_f32<T>(buf[f + half]);
     }
