@@ -23,6 +23,12 @@
 namespace lmd {
 namespace {
 
+// Whether the environment variable `name` is set to 1 (the switches of kernels not yet on by default).
+bool env_is_one(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && std::string_view(value) == "1";
+}
+
 // A caching allocator: freed blocks are kept by rounded size and handed out again, so a forward step's
 // scratch tensors cost no cudaMalloc (which synchronises the device) after the first step. All work is
 // queued on one stream, so a block freed on the host while kernels still use it is only reused by work
@@ -121,17 +127,11 @@ struct CudaState {
   int w4_dense_from = kW4DenseFromRows;
   // The streaming int4 GEMV (W4Plan::stream) at 1-8 rows, off unless LMD_W4A16_STREAM=1: written in a
   // session without a GPU, not yet measured against version 5.
-  bool w4_stream = [] {
-    const char* env = std::getenv("LMD_W4A16_STREAM");
-    return env != nullptr && std::string_view(env) == "1";
-  }();
+  bool w4_stream = env_is_one("LMD_W4A16_STREAM");
   int dense_gemv_max_rows = cuda::kDenseGemvDefaultRows;
   // The streaming dense GEMV (dense_gemv.cu), off unless LMD_DENSE_STREAM=1: written in a session without
   // a GPU, not yet measured against the GEMV it would replace.
-  bool dense_stream = [] {
-    const char* env = std::getenv("LMD_DENSE_STREAM");
-    return env != nullptr && std::string_view(env) == "1";
-  }();
+  bool dense_stream = env_is_one("LMD_DENSE_STREAM");
   DeviceTensor w4_dense;
   DeviceTensor w4_x_fragments;  // the activations of the wide GEMV in fragment order (w4a16.h)
   // Arrival counters of the decode attention kernel's merges (kept zero between launches), sized at
