@@ -56,7 +56,8 @@ std::vector<int> greedy(Model& model, const std::vector<int>& prompt, int n) {
   std::vector<int> ids = prompt, out;
   for (int i = 0; i < n; ++i) {
     const int total = int(ids.size());
-    KvCacheStorage cache = model.backend().alloc_kv_cache(model.kv_layout(blocks_for(total, 64), 64, 0), DType::F32);
+    KvCacheStorage cache =
+        model.backend().alloc_kv_cache(model.kv_layout(blocks_for(total, 64), 64, 0), DType::F32);
     BatchLayout batch;
     std::vector<int> blocks(blocks_for(total, 64));
     for (size_t b = 0; b < blocks.size(); ++b) blocks[b] = int(b);
@@ -88,8 +89,9 @@ TEST_CASE("lmd chat streams greedy replies, keeps the session between turns, and
   history.insert(history.end(), p2.begin(), p2.end());
   const std::vector<int> r2 = greedy(*model, history, n);
 
-  const RunResult r = run_lmd("chat " + dir.string() + " --temperature 0 --max_new_tokens " + std::to_string(n),
-                              "Once upon a time\nThe dog\nend\nOnce upon a time\nexit\nnever read\n");
+  const RunResult r =
+      run_lmd("chat " + dir.string() + " --temperature 0 --max_new_tokens " + std::to_string(n),
+              "Once upon a time\nThe dog\nend\nOnce upon a time\nexit\nnever read\n");
   INFO(r.err);
   CHECK(r.exit_code == 0);
   const std::string expected =

@@ -36,11 +36,11 @@ inline double rel_error(const std::vector<float>& a, const std::vector<float>& b
 }  // namespace lmd::test
 
 // Skips the current test case with a message when the shared assets are absent.
-#define LMD_REQUIRE_ASSETS()                                                          \
+#define LMD_REQUIRE_ASSETS()                                                         \
   do {                                                                               \
     if (!lmd::test::have_assets()) {                                                 \
       WARN("shared test assets not found at " << lmd::test::assets_dir()             \
-                                                << " (set LMD_TEST_ASSETS); skipped"); \
+                                              << " (set LMD_TEST_ASSETS); skipped"); \
       return;                                                                        \
     }                                                                                \
   } while (0)

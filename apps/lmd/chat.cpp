@@ -95,10 +95,13 @@ void run_chat(const ChatOptions& opt) {
 
 void add_chat_command(CLI::App& app) {
   auto opt = std::make_shared<ChatOptions>();
-  CLI::App* cmd = app.add_subcommand("chat", "Chat with a model in the terminal (`exit` quits, `end` starts a new session)");
+  CLI::App* cmd = app.add_subcommand(
+      "chat", "Chat with a model in the terminal (`exit` quits, `end` starts a new session)");
   // With no model given, chat with the demo model bundled in the source tree.
-  cli::add_model_path(*cmd, opt->model_path)->required(false)->description(
-      "Hugging Face model folder (or give it with --model); default: the bundled stories260K demo");
+  cli::add_model_path(*cmd, opt->model_path)
+      ->required(false)
+      ->description(
+          "Hugging Face model folder (or give it with --model); default: the bundled stories260K demo");
   cli::add_engine_options(*cmd, opt->engine);
   cli::add_sampling_options(*cmd, opt->sampling);
   cmd->add_option("--meta-instruction", opt->meta_instruction, "System text for the conversation");

@@ -155,8 +155,9 @@ void add_engine_options(CLI::App& app, EngineOptions& o) {
   app.add_option("--session-len", o.session_len, "max tokens of one session; 0: the model's context length")
       ->check(number_in(0, false))
       ->each(given("session-len"));
-  app.add_option("--cache-max-entry-count", o.cache_max_entry_count,
-                 "KV cache size: below 1, the fraction of memory free after the weights; 1 or more, a block count")
+  app.add_option(
+         "--cache-max-entry-count", o.cache_max_entry_count,
+         "KV cache size: below 1, the fraction of memory free after the weights; 1 or more, a block count")
       ->check(number_in(0, true))
       ->each(given("cache-max-entry-count"));
   app.add_option("--cache-block-seq-len", o.cache_block_seq_len, "tokens per KV cache block")
@@ -166,7 +167,8 @@ void add_engine_options(CLI::App& app, EngineOptions& o) {
                  "most sequences decoded together")
       ->check(number_in(0, true))
       ->each(given("max-batch-size"));
-  app.add_option("--max-prefill-token-num", o.max_prefill_token_num, "most prompt tokens prefilled in one step")
+  app.add_option("--max-prefill-token-num", o.max_prefill_token_num,
+                 "most prompt tokens prefilled in one step")
       ->check(number_in(0, true))
       ->each(given("max-prefill-token-num"));
   app.add_option("--quant-policy", o.quant_policy, "KV cache quantization: 0 none, 8 int8, 4 int4")

@@ -59,11 +59,11 @@ struct EngineOptions {
   int cache_block_seq_len = 64;        // tokens per KV block
   int max_batch_size = 128;
   int max_prefill_token_num = 8192;
-  int quant_policy = 0;       // KV cache: 0 = 16-bit, 8 = int8, 4 = int4
-  std::string model_format;   // hf | awq; empty: from the checkpoint's config.json
-  int tp = 1;                 // tensor-parallel GPUs
-  std::string chat_template;  // builtin name or JSON; empty: from the checkpoint
-  int threads = 0;            // CPU backend threads; 0: all cores
+  int quant_policy = 0;         // KV cache: 0 = 16-bit, 8 = int8, 4 = int4
+  std::string model_format;     // hf | awq; empty: from the checkpoint's config.json
+  int tp = 1;                   // tensor-parallel GPUs
+  std::string chat_template;    // builtin name or JSON; empty: from the checkpoint
+  int threads = 0;              // CPU backend threads; 0: all cores
   std::set<std::string> given;  // flags given on the command line, named without dashes
   bool was_given(const std::string& name) const { return given.count(name) != 0; }
 };

@@ -61,8 +61,8 @@ std::string load_dataset_text(const fs::path& file) {
   return text;
 }
 
-std::vector<std::vector<int>> sample_calibration_windows(const std::vector<int>& tokens, int samples, int seqlen,
-                                                         uint64_t seed) {
+std::vector<std::vector<int>> sample_calibration_windows(const std::vector<int>& tokens, int samples,
+                                                         int seqlen, uint64_t seed) {
   if (samples <= 0 || seqlen <= 0) fail("--calib-samples and --calib-seqlen must be positive");
   if (int64_t(tokens.size()) <= seqlen)
     fail("the calibration text has ", tokens.size(), " tokens, fewer than --calib-seqlen ", seqlen);

@@ -16,15 +16,16 @@ PerplexityResult perplexity(Model& model, const std::vector<int>& tokens, int se
   if (max_windows > 0 && max_windows < windows) windows = max_windows;
   constexpr int kBlockLen = 64;
   const int nblocks = blocks_for(seqlen, kBlockLen);
-  KvCacheStorage cache =
-      model.backend().alloc_kv_cache(model.kv_layout(nblocks, kBlockLen, kv_quant_bits), model.activation_dtype());
+  KvCacheStorage cache = model.backend().alloc_kv_cache(model.kv_layout(nblocks, kBlockLen, kv_quant_bits),
+                                                        model.activation_dtype());
   std::vector<int> blocks(nblocks);
   for (int i = 0; i < nblocks; ++i) blocks[i] = i;
   const int vocab = model.spec().vocab;
   double nll = 0;
   int64_t count = 0;
   for (int w = 0; w < windows; ++w) {
-    const std::vector<int> ids(tokens.begin() + int64_t(w) * seqlen, tokens.begin() + int64_t(w + 1) * seqlen);
+    const std::vector<int> ids(tokens.begin() + int64_t(w) * seqlen,
+                               tokens.begin() + int64_t(w + 1) * seqlen);
     BatchLayout batch;
     batch.seqs.push_back({0, seqlen, 0, blocks});
     const std::vector<float> logits = model.forward(ids, batch, cache, /*all_logits=*/true);

@@ -25,7 +25,7 @@ std::filesystem::path dataset_file(const std::string& name, const std::string& s
 std::string load_dataset_text(const std::filesystem::path& file);
 
 // `samples` windows of `seqlen` tokens drawn with a fixed seed from the tokenized text.
-std::vector<std::vector<int>> sample_calibration_windows(const std::vector<int>& tokens, int samples, int seqlen,
-                                                         uint64_t seed = 42);
+std::vector<std::vector<int>> sample_calibration_windows(const std::vector<int>& tokens, int samples,
+                                                         int seqlen, uint64_t seed = 42);
 
 }  // namespace lmd
