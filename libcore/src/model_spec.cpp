@@ -52,10 +52,6 @@ class FieldReader {
     if (!value) missing(key);
     return as_integer(key, *value);
   }
-  int64_t integer_or(const char* key, int64_t fallback) const {
-    const json* value = find(key);
-    return value ? as_integer(key, *value) : fallback;
-  }
   int positive_int(const char* key) const { return to_positive_int(key, integer(key)); }
   int positive_int_or(const char* key, int fallback) const {
     return has(key) ? to_positive_int(key, integer(key)) : fallback;

@@ -156,17 +156,4 @@ HostTensor HostTensor::reshape(Shape shape) const {
   return t;
 }
 
-HostTensor HostTensor::slice_rows(int64_t begin, int64_t end) const {
-  if (ndim() == 0) fail("slice_rows on a 0-dimensional tensor");
-  if (begin < 0 || begin > end || end > shape_[0]) {
-    fail("slice_rows [", begin, ", ", end, ") is outside dim 0 of tensor ", shape_str(shape_));
-  }
-  const size_t row_bytes =
-      static_cast<size_t>(shape_numel(Shape(shape_.begin() + 1, shape_.end()))) * dtype_size(dtype_);
-  HostTensor t = *this;
-  t.shape_[0] = end - begin;
-  t.data_ = static_cast<const std::byte*>(data_) + static_cast<size_t>(begin) * row_bytes;
-  return t;
-}
-
 }  // namespace lmd

@@ -48,8 +48,6 @@ class HostTensor {
   HostTensor to(DType dtype) const;       // owned copy in another dtype
   HostTensor clone() const;               // owned copy
   HostTensor reshape(Shape shape) const;  // shares storage; numel must match
-  // Rows [begin, end) of dim 0, sharing storage.
-  HostTensor slice_rows(int64_t begin, int64_t end) const;
 
  private:
   DType dtype_ = DType::F32;
