@@ -267,7 +267,13 @@ struct ApiServer::Impl {
   std::mutex sessions_mutex;
   std::map<uint64_t, Session> sessions;
 
+  // shutdown() starts the drain on one thread while serve() (another thread) waits for it to end.
+  std::mutex drain_mutex;
   std::thread drain_thread;
+  void join_drain() {
+    std::lock_guard lock(drain_mutex);
+    if (drain_thread.joinable()) drain_thread.join();
+  }
 };
 
 bool ApiServer::Impl::authorized(const httplib::Request& req) const {
@@ -690,7 +696,7 @@ ApiServer::ApiServer(ServerOptions options) : impl_(std::make_unique<Impl>(std::
 
 ApiServer::~ApiServer() {
   shutdown();
-  if (impl_->drain_thread.joinable()) impl_->drain_thread.join();
+  impl_->join_drain();
 }
 
 void ApiServer::bind() {
@@ -715,12 +721,14 @@ void ApiServer::set_model(const ServedModel& model) {
 
 void ApiServer::serve() {
   impl_->http.listen_after_bind();
-  if (impl_->drain_thread.joinable()) impl_->drain_thread.join();
+  impl_->join_drain();
 }
 
 void ApiServer::shutdown() {
   Impl& s = *impl_;
   if (s.draining.exchange(true)) return;
+  // Held while the thread is stored: the drain can stop the listener, and serve() join it, before then.
+  std::lock_guard lock(s.drain_mutex);
   s.drain_thread = std::thread([&s] {
     // httplib cuts streamed responses short once it stops, so in-flight requests are drained first.
     auto wait_idle = [&](double seconds) {
