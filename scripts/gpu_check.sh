@@ -10,6 +10,7 @@
 #                   shape), w4a16 (the int4 linears alone) ["decode decode-w4a16 decode-internlm2 w4a16"]
 #   LMD_GPU_CHECK_MODELS  `lmd bench generation` on random-weight checkpoints made here, beside Hugging
 #                   Face transformers (scripts/bench_transformers.py) ["llama2-7b internlm2-1.8b"]
+#   LMD_GPU_HF      0: leave out the transformers side of LMD_GPU_CHECK_MODELS [1]
 #   LMD_GPU_FUSED_AB  1: each model's batch-1 decode once more with the fused ops switched the other way
 #                   (LMD_FUSED_OPS, below; log gen-SHAPE-fusedN.log, N the setting) [0]
 #   LMD_GPU_KV      1: KV-cache quantization on a random Llama-2-7B: blocks at --cache-max-entry-count
@@ -117,8 +118,10 @@ for shape in ${LMD_GPU_CHECK_MODELS-llama2-7b internlm2-1.8b}; do
   fi
   timeout 60 "$LMD" bench generation "$dir" -c 1 --prompt-tokens 2048 --completion-tokens 8 -w 1 --rounds 2 \
     >"$LOGS/prefill-$shape.log" 2>&1 || e2e_rc=1
-  PYTHONUNBUFFERED=1 timeout 150 python3 "$ROOT/scripts/bench_transformers.py" "$dir" --dtype "$dtype" \
-    >"$LOGS/hf-$shape.log" 2>&1 || e2e_rc=1
+  if [[ "${LMD_GPU_HF:-1}" == 1 ]]; then
+    PYTHONUNBUFFERED=1 timeout 150 python3 "$ROOT/scripts/bench_transformers.py" "$dir" --dtype "$dtype" \
+      >"$LOGS/hf-$shape.log" 2>&1 || e2e_rc=1
+  fi
   rm -rf "$dir"
 done
 

@@ -91,8 +91,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// Streaming version (off unless chosen: CudaBackend::set_dense_gemv_stream, LMD_DENSE_STREAM=1; K a
-// multiple of 256). Above, each warp requests 8 of its row's 16-byte words a lane, waits, multiplies, and
+// Streaming version (the default; CudaBackend::set_dense_gemv_stream, LMD_DENSE_STREAM=0 turns it off; K
+// a multiple of 256). Above, each warp requests 8 of its row's 16-byte words a lane, waits, multiplies, and
 // requests the next 8, and blocks come and go in waves (1.45 of them for Llama-2-7B's q|k|v on an H100),
 // so an SM's loads in flight rise and fall. Here a persistent grid (as many blocks as fit on the SMs)
 // gives each warp rows n, n + the grid's warps, ..., and the warp keeps its next kStreamRing 512-byte

@@ -208,6 +208,9 @@ int main(int argc, char** argv) try {
   const auto [copy_ms, copy_gbs] = copy_bandwidth(be, stream);
   const auto [read_ms, read_gbs] = read_bandwidth(be, stream);
 
+  // The plain GEMV first, then the streaming one (the default); the rows after them use the plain one,
+  // and those named "streaming GEMVs" both streaming GEMVs.
+  be.set_dense_gemv_stream(false);
   const double lin_ms = median_ms(stream, 3, 50, [&] { step(1, context, 0); });
   be.set_dense_gemv_stream(true);
   const double lin_stream_ms = median_ms(stream, 3, 50, [&] { step(1, context, 0); });
