@@ -179,8 +179,10 @@ for shape in ${LMD_GPU_CHECK_MODELS-llama2-7b internlm2-1.8b}; do
     "$LOGS/gen-$shape"-fused*.log 2>/dev/null |
     sed "s|$LOGS/||" || true
   grep -iE "error|lmd:" "$LOGS/gen-$shape.log" | tail -3
-  echo "-- $shape: transformers"
-  tail -2 "$LOGS/hf-$shape.log"
+  if [[ -f "$LOGS/hf-$shape.log" ]]; then
+    echo "-- $shape: transformers"
+    tail -2 "$LOGS/hf-$shape.log"
+  fi
 done
 if [[ "${LMD_GPU_KV:-0}" == 1 ]]; then
   for qp in 0 8 4; do

@@ -101,8 +101,8 @@ class CudaBackend final : public Backend {
   // larger ones cuBLAS; 0 forces cuBLAS everywhere (tests and benchmarks compare the two).
   void set_dense_gemv_max_rows(int rows);
   // Those GEMVs over a multiple of 256 inputs run the streaming version (a persistent grid with its weights
-  // in flight through a shared-memory ring; default on, LMD_DENSE_STREAM=0 in the environment turns it off). A change drops
-  // the decode-step graphs captured so far.
+  // in flight through a shared-memory ring; default on, LMD_DENSE_STREAM=0 in the environment turns it off).
+  // A change drops the decode-step graphs captured so far.
   void set_dense_gemv_stream(bool on);
   int dense_gemv_max_rows() const;
   // Decode-step graphs so far: shapes captured, steps replayed, shapes that fell back to eager steps.
