@@ -457,7 +457,9 @@ TEST_CASE("cuda: rope_kv_write and paged attention match the CPU", "[gpu]") {
       {8, 4, 8, 16, {{0, 30}, {12, 1}}},         // stories260K's head_dim 8
       {32, 32, 128, 64, {{1500, 1}, {700, 2}}},  // long decode: split-K with the combine pass
       {4, 2, 256, 16, {{40, 5}}},                // head_dim 256
-      {8, 2, 128, 16, {{2000, 1}}},              // one decode item cut into 16 splits
+      {8, 2, 128, 16, {{2000, 1}}},              // one decode item cut into 8 splits of wide blocks
+      // Six Llama-2-7B-like decodes (192 blocks): 4-warp decode blocks, each item split 2 ways.
+      {32, 32, 128, 16, {{300, 1}, {301, 1}, {17, 1}, {450, 1}, {129, 1}, {0, 1}}},
   };
   for (const AttnCase& c : cases)
     for (DType dt : kDtypes) {
@@ -469,7 +471,7 @@ TEST_CASE("cuda: rope_kv_write and paged attention match the CPU", "[gpu]") {
   // Quantized caches: decode items run the register-resident kernel for head_dim 64 and 128 (GQA up to
   // 8, split-K) and the tile kernel for head_dim 8, whose rows are narrower than a 16-byte load.
   for (int bits : {8, 4})
-    for (int i : {1, 2, 3, 4, 5, 6})
+    for (int i : {1, 2, 3, 4, 5, 6, 9})
       for (DType dt : {DType::F16, DType::BF16}) {
         const AttnCase& c = cases[i];
         if (dt == DType::BF16 && i != 3) continue;
@@ -490,13 +492,14 @@ TEST_CASE("cuda: rope_kv_write and paged attention match the CPU", "[gpu]") {
 }
 
 // Decode steps as CUDA graph steps, whose plans split every item as many ways as fill the device, or
-// into as many 32-key chunks as the graph's block stride holds if fewer (splits past the context are
-// empty; test_attn_plan.cpp checks the plans): on an H100 (132 SMs), 9 ways for one sequence of
-// Llama-2-7B's 32 KV heads at 1000 tokens, 8 for one KV head at 250 (all hold keys, and the int8/int4
-// kernels deal the 8 heads of the group over 4 and 8 row blocks, each with its own merge), 4 for 3 short
-// sequences over 4 KV heads, 2 for 40 sequences over 4, 17 for a 700-token and an empty sequence over
-// InternLM2's 8, 256 for one KV head at 8000 tokens. The last split block of each merge merges it: a
-// replay finds every arrival counter back at zero, or rows go unwritten (NaN).
+// into as many 32-key chunks (256 for wide decode blocks) as the graph's block stride holds if fewer
+// (splits past the context are empty; test_attn_plan.cpp checks the plans). On an H100 (132 SMs): wide
+// blocks 4 ways for one sequence of Llama-2-7B's 32 KV heads at 1000 tokens, 4 for one KV head at 600
+// (3 hold keys, and the int8/int4 kernels deal the 8 heads of the group over 8 row blocks, each with its
+// own merge), unsplit for 3 short sequences over 4 KV heads, 4 for a 700-token and an empty sequence over
+// InternLM2's 8 (the empty one's first split holds its only key and writes the output alone), 32 for one
+// KV head at 8000 tokens; 4-warp blocks 2 ways for 40 sequences over 4. The last split block of each
+// merge merges it: a replay finds every arrival counter back at zero, or rows go unwritten (NaN).
 // Each case runs again as rope_kv_attention with fused ops on (16-bit activations): the decode attention
 // kernel rotates q and k itself and writes the new token's K/V, which later steps attend over; over a
 // quantized cache and at head_dim 8 the op runs as its two ops. Cases 4 and 5 add InternLM2-1.8B's
@@ -510,7 +513,7 @@ TEST_CASE("cuda: split decode attention in graph steps matches the CPU, plain an
   for (int i = 0; i < 40; ++i) many.push_back({i * 37 % 301, 1});
   const std::vector<AttnCase> cases{
       {32, 32, 128, 16, {{1000, 1}}},
-      {8, 1, 64, 32, {{250, 1}}},
+      {8, 1, 64, 32, {{600, 1}}},
       {32, 4, 128, 16, {{100, 1}, {37, 1}, {0, 1}}},
       {4, 4, 64, 16, many},
       {16, 8, 128, 64, {{700, 1}, {0, 1}}},

@@ -3,14 +3,14 @@
 // tensor cores) multi-token items over fp16/bf16 caches of head_dim 64 or 128; each says below what it
 // replaced and why.
 //
-// Work item (AttnWork) x KV head = one block of 4 warps. The item's rows are up to kAttnMaxRows
-// (token, query head) pairs of one KV-head group, so every K/V row loaded from the cache serves the
-// whole group (GQA) and several tokens (prefill). The item's cache range [kv_begin, kv_end) is cut into
-// 32-key tiles dealt round-robin to the warps; each warp keeps its own online-softmax state (running max
-// m, sum l, accumulator) per row, with no block barrier in the loop; the warps' states are merged at the
-// end. Long decode contexts are split over several items (split-K): each writes (m, l, acc) to a partial
-// slot, and the splits are merged by the last one to finish (decode_kernel) or by combine_kernel after the
-// attention launch. The score matrix is never materialised.
+// Work item (AttnWork) x KV head = one block of 4 warps (16 for decode items of small batches). The item's
+// rows are up to kAttnMaxRows (token, query head) pairs of one KV-head group, so every K/V row loaded from
+// the cache serves the whole group (GQA) and several tokens (prefill). The item's cache range [kv_begin,
+// kv_end) is cut into 32-key tiles dealt round-robin to the warps; each warp keeps its own online-softmax
+// state (running max m, sum l, accumulator) per row, with no block barrier in the loop; the warps' states are
+// merged at the end. Long decode contexts are split over several items (split-K): each writes (m, l, acc) to
+// a partial slot, and the splits are merged by the last one to finish (decode_kernel) or by combine_kernel
+// after the attention launch. The score matrix is never materialised.
 //
 // Layouts: q rows are read from qkv [tokens, (heads + 2 kv_heads) * head_dim]; out [tokens, heads *
 // head_dim]; a partial slot is float [kv_heads, max_rows, 2 + head_dim] = (m, l, acc[head_dim]).
@@ -332,28 +332,33 @@ __device__ __forceinline__ void rope_rotate(float (&x)[E], int sub, int lanes, i
 // A split item's splits are merged by the last of its blocks to finish (merge_if_last) rather than by a
 // combine_kernel launch after this one: that launch cost ~5 us a layer on an H100 in a Llama-2-7B batch-1
 // graph step (where every item is split about 9 ways), half the time of this kernel.
+// W warps a block: 4, or 16 where the batch's items leave SMs idle (plan_attention). With 4, the eighth
+// session measured 13-16 us a layer for a 128-token context on an H100 (latency, not bandwidth: 0.5 MB of
+// K/V), spent on 3 rounds of dependent loads a warp (block table, then K/V) and a merge of 2 splits
+// through global memory. 16 warps take 128 keys in one round and merge in shared memory only.
 //
 // With ROPE (rope_kv_attention, 16-bit cache): q and k are read unrotated from qkv and rotated here, as
 // rope_kv_kernel rotates them (rope_rotate), and the new token's key is not read from the cache: the item
 // whose range ends at it stops one key short, adds that key from registers to warp 0's first lane group,
 // and its blocks of blockIdx.z 0 write the token's K/V into the cache for later steps. No block reads what
 // another writes, so no rope_kv_write launch (and wait) is needed before this one.
-template <class T, int BITS, int R, bool ROPE>
-__global__ void __launch_bounds__(kWarps * 32)
+template <class T, int BITS, int R, bool ROPE, int W>
+__global__ void __launch_bounds__(W * 32)
     decode_kernel(const T* qkv, int heads, KvGeometry g, const AttnWork* work, const AttnCombine* combine,
                   const int* blocks, const void* cache, const uint32_t* params, int lanes, int max_rows,
                   float* partials, int* counters, T* out, float scale, DecodeRope rope) {
   chain_release();
-  chain_wait();
   using Vec = CacheVec<T, BITS>;
   constexpr int E = Vec::E;
   constexpr int U = 4;
   extern __shared__ __align__(16) unsigned char smem[];
+  // The work item, the block table and the RoPE frequencies are uploaded by copies before the step's
+  // kernels, never written by one: they are read before chain_wait, while the previous kernel finishes.
   const AttnWork w = work[blockIdx.x];
   const int kvhead = blockIdx.y, hd = g.head_dim, group = heads / g.kv_heads, row0 = blockIdx.z * R;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, sub = lane % lanes, slot = lane / lanes;
   const int keys_per_step = 32 / lanes, rows = min(R, w.head_count - row0);
-  if (rows <= 0) return;  // uniform over the block
+  if (rows <= 0 || (w.partial < 0 && w.kv_begin >= w.kv_end)) return;  // uniform over the block
   const int64_t qkv_row = int64_t(heads + 2 * g.kv_heads) * hd, row_bytes = int64_t(lanes) * 16;
   const int* seq_blocks = blocks + w.block_off;
   const unsigned char* data = static_cast<const unsigned char*>(cache);
@@ -363,6 +368,19 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int kv_end = new_key ? w.kv_end - 1 : w.kv_end;
   const float* freq = nullptr;
   if constexpr (ROPE) freq = rope.inv_freq + int64_t(rope.token_seq[w.token_begin]) * (hd / 2);
+  // The cache blocks of a warp's next U keys, read one round ahead of their K/V loads (the first round's
+  // before chain_wait) so that a round waits for one load latency rather than two.
+  const int step = U * keys_per_step;
+  int key_block[U];
+  auto read_key_blocks = [&](int base) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int pos = base + u * keys_per_step + slot;
+      key_block[u] = pos < kv_end ? seq_blocks[pos / g.block_len] : 0;
+    }
+  };
+  read_key_blocks(w.kv_begin + warp * step);
+  chain_wait();
 
   // q is pre-multiplied by the softmax scale and by weight(e); qsum is this lane's sum(q) for the
   // zero-point term. zacc carries sum(p zero) beside acc, which holds sum(p scale c) / weight(e).
@@ -383,8 +401,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
 
-  const int step = U * keys_per_step;
-  for (int base = w.kv_begin + warp * step; base < kv_end; base += kWarps * step) {
+  for (int base = w.kv_begin + warp * step; base < kv_end; base += W * step) {
     uint4 kx[U], vx[U];
     uint32_t kp[U], vp[U];  // (scale, zero) as two fp16 halves
     bool valid[U];
@@ -395,13 +412,15 @@ __global__ void __launch_bounds__(kWarps * 32)
       kx[u] = vx[u] = make_uint4(0, 0, 0, 0);
       kp[u] = vp[u] = 0;
       if (valid[u]) {
-        const int block = seq_blocks[pos / g.block_len], at = pos % g.block_len;
-        const int64_t krow = cache_row(g, block, 0, kvhead, at), vrow = cache_row(g, block, 1, kvhead, at);
+        const int at = pos % g.block_len;
+        const int64_t krow = cache_row(g, key_block[u], 0, kvhead, at),
+                      vrow = cache_row(g, key_block[u], 1, kvhead, at);
         kx[u] = reinterpret_cast<const uint4*>(data + krow * row_bytes)[sub];
         vx[u] = reinterpret_cast<const uint4*>(data + vrow * row_bytes)[sub];
         if constexpr (BITS != 0) kp[u] = params[krow], vp[u] = params[vrow];
       }
     }
+    read_key_blocks(base + W * step);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (r >= rows) break;  // uniform over the block
@@ -486,7 +505,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       for (int e = 0; e < E; ++e) acc[r][e] = acc[r][e] * Vec::weight(e) + zacc[r];
 
   // Merge the lane groups of each warp (lanes with equal `sub` hold the same dims), then the warps.
-  float* merge = reinterpret_cast<float*>(smem);  // [warps][R][2 + hd]
+  float* merge = reinterpret_cast<float*>(smem);  // [W][R][2 + hd]
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     if (r >= rows) break;
@@ -509,10 +528,10 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int i = threadIdx.x; i < rows * hd; i += blockDim.x) {
     const int r = i / hd, d = i % hd;
     float mx = -INFINITY;
-    for (int v = 0; v < kWarps; ++v) mx = fmaxf(mx, merge[(v * R + r) * (2 + hd)]);
+    for (int v = 0; v < W; ++v) mx = fmaxf(mx, merge[(v * R + r) * (2 + hd)]);
     float lsum = 0.f, a = 0.f;
     if (mx != -INFINITY) {
-      for (int v = 0; v < kWarps; ++v) {
+      for (int v = 0; v < W; ++v) {
         const float* src = merge + (v * R + r) * (2 + hd);
         const float f = expf(src[0] - mx);
         lsum += src[1] * f;
@@ -852,30 +871,44 @@ int decode_lanes(int elem_bytes, const KvGeometry& g) {
 template <class T, int BITS>
 void launch_decode(const void* qkv, int heads, const KvGeometry& g, const AttnWork* work, int num_work,
                    const AttnCombine* combine, const int* blocks, const void* cache, const uint16_t* params,
-                   int lanes, int rows, float* partials, int* counters, void* out, const DecodeRope& rope,
-                   cudaStream_t stream) {
+                   int lanes, int rows, int warps, float* partials, int* counters, void* out,
+                   const DecodeRope& rope, cudaStream_t stream) {
   // q and acc take 2 * R * E registers. Compiled for sm_90a: fp16 R = 8 fits (224 registers); int8
   // spills at R = 4 and int4 needs 255 at R = 2, so quantized caches keep R * E <= 32 (128 registers).
+  // Wide blocks (16 warps) have 128 registers a thread at most: 2 rows of a 16-bit cache fit (124), int8
+  // spills at R = 2, so quantized caches run one row a block.
   constexpr int E = CacheVec<T, BITS>::E, kMaxR = BITS == 0 ? std::min(8, 64 / E) : 32 / E;
+  constexpr int kWideMaxR = BITS == 0 ? std::min(2, kMaxR) : 1;
   const int max_rows = attn_max_rows(g.head_dim);
-  auto run = [&](auto kernel, int r) {
-    const size_t smem = size_t(kWarps) * r * (2 + g.head_dim) * sizeof(float);
+  auto run = [&](auto kernel, int r, int w) {
+    const size_t smem = size_t(w) * r * (2 + g.head_dim) * sizeof(float);
     const dim3 grid(num_work, g.kv_heads, (rows + r - 1) / r);
-    launch_chained(kernel, grid, kWarps * 32, smem, stream, qkv, heads, g, work, combine, blocks, cache,
+    launch_chained(kernel, grid, w * 32, smem, stream, qkv, heads, g, work, combine, blocks, cache,
                    reinterpret_cast<const uint32_t*>(params), lanes, max_rows, partials, counters, out,
                    1.f / sqrtf(float(g.head_dim)), rope);
     LMD_CUDA_LAUNCHED();
   };
   auto pick = [&](auto rope_tag) {
     constexpr bool kRope = decltype(rope_tag)::value;
+    if (warps == kAttnDecodeWideWarps) {
+      constexpr int W = kAttnDecodeWideWarps;
+      if (rows <= 1 || kWideMaxR == 1) {
+        run(decode_kernel<T, BITS, 1, kRope, W>, 1, W);
+      } else {
+        run(decode_kernel<T, BITS, kWideMaxR, kRope, W>, kWideMaxR, W);
+      }
+      return;
+    }
+    if (warps != kAttnDecodeWarps) fail("CUDA attention: decode blocks of ", warps, " warps");
+    constexpr int W = kAttnDecodeWarps;
     if (rows <= 1 || kMaxR == 1) {
-      run(decode_kernel<T, BITS, 1, kRope>, 1);
+      run(decode_kernel<T, BITS, 1, kRope, W>, 1, W);
     } else if (rows <= 2 || kMaxR == 2) {
-      run(decode_kernel<T, BITS, std::min(2, kMaxR), kRope>, std::min(2, kMaxR));
+      run(decode_kernel<T, BITS, std::min(2, kMaxR), kRope, W>, std::min(2, kMaxR), W);
     } else if (rows <= 4 || kMaxR == 4) {
-      run(decode_kernel<T, BITS, std::min(4, kMaxR), kRope>, std::min(4, kMaxR));
+      run(decode_kernel<T, BITS, std::min(4, kMaxR), kRope, W>, std::min(4, kMaxR), W);
     } else {
-      run(decode_kernel<T, BITS, kMaxR, kRope>, kMaxR);
+      run(decode_kernel<T, BITS, kMaxR, kRope, W>, kMaxR, W);
     }
   };
   if constexpr (BITS == 0 && sizeof(T) == 2) {
@@ -919,9 +952,10 @@ bool attn_decode_rope(int elem_bytes, const KvGeometry& g) {
 }
 
 void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, const AttnWork* work,
-               int num_work, int num_decode, int decode_rows, const AttnCombine* combine, int num_combine,
-               int num_decode_combine, const int* blocks, const void* cache, const uint16_t* params,
-               float* partials, int* counters, void* out, cudaStream_t stream, const DecodeRope& rope) {
+               int num_work, int num_decode, int decode_rows, int decode_warps, const AttnCombine* combine,
+               int num_combine, int num_decode_combine, const int* blocks, const void* cache,
+               const uint16_t* params, float* partials, int* counters, void* out, cudaStream_t stream,
+               const DecodeRope& rope) {
   if (num_work == 0) return;
   if (rope.inv_freq != nullptr && (num_decode != num_work || !attn_decode_rope(int(dtype_size(dtype)), g)))
     fail("CUDA attention: rope_kv_attention runs one-token items over a 16-bit cache only");
@@ -931,8 +965,8 @@ void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, con
     if (const int lanes = decode_lanes(sizeof(T), g); lanes > 0 && num_decode > 0) {
       auto decode = [&](auto bits) {
         launch_decode<T, decltype(bits)::value>(qkv, heads, g, work, num_decode, combine, blocks, cache,
-                                                params, lanes, decode_rows, partials, counters, out, rope,
-                                                stream);
+                                                params, lanes, decode_rows, decode_warps, partials, counters,
+                                                out, rope, stream);
       };
       if (g.quant_bits == 8) {
         decode(std::integral_constant<int, 8>());

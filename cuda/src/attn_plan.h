@@ -14,16 +14,19 @@ struct AttnPlan {
   std::vector<int> blocks;           // the sequences' block lists, concatenated (AttnWork::block_off)
   int num_decode = 0;
   int num_decode_combine = 0;
-  int decode_rows = 1;  // the most rows of a one-token item
-  int partials = 0;     // split-K partial-result slots
+  int decode_rows = 1;                  // the most rows of a one-token item
+  int decode_warps = kAttnDecodeWarps;  // warps of a decode_kernel block
+  int partials = 0;                     // split-K partial-result slots
 };
 
 // `sms`: multiprocessors of the device (long cache ranges are split until the grid fills them).
 // `graph_stride` > 0 plans a graph step (decode only): every item gets the same number of splits (as
-// many as fill the device, or as many 32-key chunks as `graph_stride` blocks hold if fewer) and block
-// lists are padded to `graph_stride` entries, so that the metadata keeps its sizes between steps.
+// many as fill the device, or as many 32-key chunks, or 256-key ones for wide decode blocks, as
+// `graph_stride` blocks hold if fewer) and block lists are padded to `graph_stride` entries, so that the
+// metadata keeps its sizes between steps.
+// `wide_decode` false keeps decode blocks at 4 warps whatever the batch (for comparison).
 AttnPlan plan_attention(const std::vector<SeqSlice>& seqs, int heads, int elem_bytes, const KvGeometry& g,
-                        int sms, int graph_stride);
+                        int sms, int graph_stride, bool wide_decode = true);
 
 // Arrival counters (attn_counter_ints) that a plan for a device of `sms` multiprocessors needs at most:
 // items are split only while the grid has fewer than two blocks per multiprocessor.

@@ -135,6 +135,7 @@ struct CudaState {
   // The streaming dense GEMV (dense_gemv.cu), on unless LMD_DENSE_STREAM=0: on an H100 (2026-12-05) the
   // batch-1 linears took 4.56 against 4.81 ms (Llama-2-7B) and the graph step 1-4% less.
   bool dense_stream = env_switch("LMD_DENSE_STREAM", true);
+  bool wide_decode = env_switch("LMD_WIDE_DECODE", true);
   DeviceTensor w4_dense;
   DeviceTensor w4_x_fragments;  // the activations of the wide GEMV in fragment order (w4a16.h)
   // Arrival counters of the decode attention kernel's merges (kept zero between launches), sized at
@@ -765,6 +766,12 @@ void CudaBackend::set_dense_gemv_stream(bool on) {
   st.kernels_changing("set_dense_gemv_stream");
   st.dense_stream = on;
 }
+void CudaBackend::set_wide_decode_attention(bool on) {
+  CudaState& st = *state_;
+  if (on == st.wide_decode) return;
+  st.kernels_changing("set_wide_decode_attention");
+  st.wide_decode = on;
+}
 void CudaBackend::set_dense_gemv_max_rows(int rows) {
   state_->dense_gemv_max_rows = std::min(rows, cuda::kDenseGemvMaxRows);
 }
@@ -856,8 +863,9 @@ void CudaBackend::run_attention(const DeviceTensor& qkv, const BatchLayout& batc
   if (L.quant_bits == 0) require_same(qkv, cache.data, "attention (cache)");
   const cuda::KvGeometry g{L.layers, L.kv_heads, L.head_dim, L.block_len, layer, L.quant_bits};
   const bool graph = state_->mode != CudaState::Mode::Eager;
-  const cuda::AttnPlan plan = cuda::plan_attention(batch.seqs, heads, int(dtype_size(qkv.dtype)), g,
-                                                   state_->sms, graph ? state_->graph_stride() : 0);
+  const cuda::AttnPlan plan =
+      cuda::plan_attention(batch.seqs, heads, int(dtype_size(qkv.dtype)), g, state_->sms,
+                           graph ? state_->graph_stride() : 0, state_->wide_decode);
   if (plan.work.empty()) return;
   static_assert(sizeof(cuda::AttnWork) % sizeof(int) == 0 && sizeof(cuda::AttnCombine) % sizeof(int) == 0);
   const size_t work_ints = plan.work.size() * sizeof(cuda::AttnWork) / sizeof(int);
@@ -875,7 +883,7 @@ void CudaBackend::run_attention(const DeviceTensor& qkv, const BatchLayout& batc
   if (plan.partials > 0) scratch = alloc(DType::F32, {cuda::attn_partial_floats(plan.partials, g)});
   if (replaying()) return;
   cuda::attention(qkv.dtype, qkv.data, heads, g, reinterpret_cast<const cuda::AttnWork*>(dev),
-                  int(plan.work.size()), plan.num_decode, plan.decode_rows,
+                  int(plan.work.size()), plan.num_decode, plan.decode_rows, plan.decode_warps,
                   reinterpret_cast<const cuda::AttnCombine*>(dev + work_ints), int(plan.combine.size()),
                   plan.num_decode_combine, dev + blocks_off, cache.data.data,
                   cache.params.empty() ? nullptr : cache.params.as<uint16_t>(),

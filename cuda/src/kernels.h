@@ -103,10 +103,17 @@ void rope_kv_write(DType dtype, void* qkv, int tokens, int heads, const KvGeomet
 // Rows one work item may hold at most (attn_max_rows).
 constexpr int kAttnMaxRows = 8;
 
+// Warps of a decode_kernel block: kAttnDecodeWideWarps where a batch's one-token items leave SMs idle
+// (plan_attention says when), else kAttnDecodeWarps.
+constexpr int kAttnDecodeWarps = 4;
+constexpr int kAttnDecodeWideWarps = 16;
+
 // One unit of attention work: `token_count` consecutive new tokens of one sequence times `head_count`
 // query heads of one KV-head group (rows = tokens x heads <= kAttnMaxRows), over cache positions
-// [kv_begin, kv_end). `partial` < 0: this is the only split and writes the output; else the index of its
-// partial-result slot, and `combine` the index of the merge of its splits in the combine list.
+// [kv_begin, kv_end). `partial` < 0: this is the only split and writes the output (a one-token item
+// with no keys does nothing: a graph step's split past the keys of an item that its first split holds
+// whole); else the index of its partial-result slot, and `combine` the index of the merge of its splits
+// in the combine list.
 struct AttnWork {
   int token_begin, token_count, head_begin, head_count;
   int first_pos;  // position of token_begin in its sequence
@@ -137,11 +144,11 @@ constexpr int kAttnPrefillRows = 128;
 bool attn_prefill_v3(int elem_bytes, const KvGeometry& g, int heads);
 
 // The first `num_decode` work items have one token and at most `decode_rows` rows each: they run the
-// decode kernel where it applies (attn_decode_v2); the rest run the prefill kernel where it applies
-// (attn_prefill_v3), else the general one. The first `num_decode_combine` merges are those of the
-// one-token items: where the decode kernel runs, it merges them itself, counting its blocks' arrivals
-// in `counters` (attn_counter_ints of them, zero before the call and zero again after it); the other
-// merges run as a separate pass.
+// decode kernel, in blocks of `decode_warps` warps, where it applies (attn_decode_v2); the rest run the
+// prefill kernel where it applies (attn_prefill_v3), else the general one. The first `num_decode_combine`
+// merges are those of the one-token items: where the decode kernel runs, it merges them itself, counting its
+// blocks' arrivals in `counters` (attn_counter_ints of them, zero before the call and zero again after it);
+// the other merges run as a separate pass.
 //
 // With `rope` set (rope_kv_attention; every item one-token, attn_decode_rope), q and the new token's k are
 // rotated by the kernel from qkv as written by the qkv linear, and the new token's K/V go into the cache
@@ -153,9 +160,10 @@ struct DecodeRope {
 };
 bool attn_decode_rope(int elem_bytes, const KvGeometry& g);
 void attention(DType dtype, const void* qkv, int heads, const KvGeometry& g, const AttnWork* work,
-               int num_work, int num_decode, int decode_rows, const AttnCombine* combine, int num_combine,
-               int num_decode_combine, const int* blocks, const void* cache, const uint16_t* params,
-               float* partials, int* counters, void* out, cudaStream_t stream, const DecodeRope& rope = {});
+               int num_work, int num_decode, int decode_rows, int decode_warps, const AttnCombine* combine,
+               int num_combine, int num_decode_combine, const int* blocks, const void* cache,
+               const uint16_t* params, float* partials, int* counters, void* out, cudaStream_t stream,
+               const DecodeRope& rope = {});
 
 // Floats of partial-result workspace `attention` needs for `num_partials` slots.
 int64_t attn_partial_floats(int num_partials, const KvGeometry& g);

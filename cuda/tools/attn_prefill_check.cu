@@ -191,7 +191,8 @@ struct Setup {
   // The backend's launch: decode kernel for one-token items, then version 3 (or 1) for the rest.
   void run() {
     attention(dtype_of<T>(), d_qkv.p, c.heads, g, work(), int(plan.work.size()), plan.num_decode,
-              plan.decode_rows, reinterpret_cast<const AttnCombine*>(d_meta.p + plan.work.size() * kWorkInts),
+              plan.decode_rows, plan.decode_warps,
+              reinterpret_cast<const AttnCombine*>(d_meta.p + plan.work.size() * kWorkInts),
               int(plan.combine.size()), plan.num_decode_combine, blocks(), d_cache.p, nullptr, d_partials.p,
               d_counters.p, d_out.p, 0);
   }
