@@ -358,7 +358,10 @@ __global__ void __launch_bounds__(W * 32)
   const int kvhead = blockIdx.y, hd = g.head_dim, group = heads / g.kv_heads, row0 = blockIdx.z * R;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, sub = lane % lanes, slot = lane / lanes;
   const int keys_per_step = 32 / lanes, rows = min(R, w.head_count - row0);
-  if (rows <= 0 || (w.partial < 0 && w.kv_begin >= w.kv_end)) return;  // uniform over the block
+  // Nothing to do (uniform over the block): rows past the item's, or a graph step's empty split of an item
+  // that its first split writes whole. Such a block still waits for the previous kernel before it exits,
+  // so that this grid completes after it (launch.cuh).
+  const bool idle = rows <= 0 || (w.partial < 0 && w.kv_begin >= w.kv_end);
   const int64_t qkv_row = int64_t(heads + 2 * g.kv_heads) * hd, row_bytes = int64_t(lanes) * 16;
   const int* seq_blocks = blocks + w.block_off;
   const unsigned char* data = static_cast<const unsigned char*>(cache);
@@ -379,8 +382,9 @@ __global__ void __launch_bounds__(W * 32)
       key_block[u] = pos < kv_end ? seq_blocks[pos / g.block_len] : 0;
     }
   };
-  read_key_blocks(w.kv_begin + warp * step);
+  if (!idle) read_key_blocks(w.kv_begin + warp * step);
   chain_wait();
+  if (idle) return;
 
   // q is pre-multiplied by the softmax scale and by weight(e); qsum is this lane's sum(q) for the
   // zero-point term. zacc carries sum(p zero) beside acc, which holds sum(p scale c) / weight(e).
