@@ -103,10 +103,10 @@ AttnPlan plan_attention(const std::vector<SeqSlice>& seqs, int heads, int elem_b
     }
     const int chunk = ((it.kv_len + splits - 1) / splits + unit - 1) / unit * unit;
     if (!graph) splits = (it.kv_len + chunk - 1) / chunk;
-    // A graph item whose keys all fall in its first split is written by that split alone, as an unsplit
-    // item: its other splits are empty and do nothing (the decode kernel only; the general one would
-    // write an empty split's rows). Its merge and partial slots stay reserved for the graph's later steps.
-    const bool direct = splits > 1 && chunk >= it.kv_len && it.token_count == 1 && decode_v2;
+    // A wide graph item whose keys all fall in its first split is written by that split alone, as an
+    // unsplit item: its other splits are empty and do nothing. Its merge and partial slots stay reserved
+    // for the graph's later steps. (4-warp items keep the plan they were measured with.)
+    const bool direct = wide_item && splits > 1 && chunk >= it.kv_len;
     const int first_pos = q.context_len + (it.token_begin - q.token_offset),
               combine = int(plan.combine.size());
     if (splits > 1)
