@@ -457,17 +457,20 @@ TEST_CASE("cuda: rope_kv_write and paged attention match the CPU", "[gpu]") {
       {8, 4, 8, 16, {{0, 30}, {12, 1}}},         // stories260K's head_dim 8
       {32, 32, 128, 64, {{1500, 1}, {700, 2}}},  // long decode: split-K with the combine pass
       {4, 2, 256, 16, {{40, 5}}},                // head_dim 256
-      {8, 2, 128, 16, {{2000, 1}}},              // one decode item cut into 8 splits of wide blocks
-      // Six Llama-2-7B-like decodes (192 blocks): 4-warp decode blocks, each item split 2 ways.
+      {8, 2, 128, 16, {{2000, 1}}},              // one decode item cut into 16 splits (8 if 16-warp)
+      // Six Llama-2-7B-like decodes (192 blocks): 4-warp decode blocks either way, each split 2 ways.
       {32, 32, 128, 16, {{300, 1}, {301, 1}, {17, 1}, {450, 1}, {129, 1}, {0, 1}}},
   };
-  for (const AttnCase& c : cases)
-    for (DType dt : kDtypes) {
-      if (dt == DType::F32 && c.head_dim > 128) continue;  // fp32 tiles of 256 dims exceed shared memory
-      INFO(dtype_name(dt) << " heads " << c.heads << "/" << c.kv_heads << " head_dim " << c.head_dim
-                          << " block " << c.block_len);
-      run_attention_case(gpu, cpu, c, dt, 0, rng, worst);
-    }
+  // Decode items in 4-warp blocks and, where the batch leaves SMs idle, in 16-warp ones.
+  for (bool wide : {false, true})
+    for (const AttnCase& c : cases)
+      for (DType dt : kDtypes) {
+        if (dt == DType::F32 && c.head_dim > 128) continue;  // fp32 tiles of 256 dims exceed shared memory
+        INFO(dtype_name(dt) << " heads " << c.heads << "/" << c.kv_heads << " head_dim " << c.head_dim
+                            << " block " << c.block_len << (wide ? " wide" : ""));
+        gpu.set_wide_decode_attention(wide);
+        run_attention_case(gpu, cpu, c, dt, 0, rng, worst);
+      }
   // Quantized caches: decode items run the register-resident kernel for head_dim 64 and 128 (GQA up to
   // 8, split-K) and the tile kernel for head_dim 8, whose rows are narrower than a 16-byte load.
   for (int bits : {8, 4})
@@ -475,8 +478,10 @@ TEST_CASE("cuda: rope_kv_write and paged attention match the CPU", "[gpu]") {
       for (DType dt : {DType::F16, DType::BF16}) {
         const AttnCase& c = cases[i];
         if (dt == DType::BF16 && i != 3) continue;
+        const bool wide = (i + bits) % 2 == 0;  // each case in 16-warp blocks with one of int8 and int4
+        gpu.set_wide_decode_attention(wide);
         INFO("KV int" << bits << " " << dtype_name(dt) << " heads " << c.heads << "/" << c.kv_heads
-                      << " head_dim " << c.head_dim << " block " << c.block_len);
+                      << " head_dim " << c.head_dim << " block " << c.block_len << (wide ? " wide" : ""));
         const KvCacheLayout L{2, c.kv_heads, c.head_dim, c.block_len, 1, bits};
         CHECK(cuda_decode_attention_v2(dt, L) == (c.head_dim >= 64));
         run_attention_case(gpu, cpu, c, dt, bits, rng, worst);
@@ -491,19 +496,20 @@ TEST_CASE("cuda: rope_kv_write and paged attention match the CPU", "[gpu]") {
   worst.report();
 }
 
-// Decode steps as CUDA graph steps, whose plans split every item as many ways as fill the device, or
-// into as many 32-key chunks (256 for wide decode blocks) as the graph's block stride holds if fewer
-// (splits past the context are empty; test_attn_plan.cpp checks the plans). On an H100 (132 SMs): wide
-// blocks 4 ways for one sequence of Llama-2-7B's 32 KV heads at 1000 tokens, 4 for one KV head at 600
-// (3 hold keys, and the int8/int4 kernels deal the 8 heads of the group over 8 row blocks, each with its
-// own merge), unsplit for 3 short sequences over 4 KV heads, 4 for a 700-token and an empty sequence over
-// InternLM2's 8 (the empty one's first split holds its only key and writes the output alone), 32 for one
-// KV head at 8000 tokens; 4-warp blocks 2 ways for 40 sequences over 4. The last split block of each
-// merge merges it: a replay finds every arrival counter back at zero, or rows go unwritten (NaN).
-// Each case runs again as rope_kv_attention with fused ops on (16-bit activations): the decode attention
-// kernel rotates q and k itself and writes the new token's K/V, which later steps attend over; over a
-// quantized cache and at head_dim 8 the op runs as its two ops. Cases 4 and 5 add InternLM2-1.8B's
-// GQA 2 over 64-token blocks and that head_dim-8 fallback.
+// Decode steps as CUDA graph steps, whose plans split every item as many ways as fill the device, or into as
+// many 32-key chunks (256 for 16-warp decode blocks) as the graph's block stride holds if fewer (splits past
+// the context are empty; test_attn_plan.cpp checks the plans). On an H100 (132 SMs), in 4-warp blocks: 9 ways
+// for one sequence of Llama-2-7B's 32 KV heads at 1000 tokens, 32 for one KV head at 600 (19 holding keys;
+// the int8/int4 kernels deal the 8 heads of the group over 4 and 8 row blocks, each with its own merge), 4
+// for 3 short sequences over 4 KV heads, 2 for 40 sequences over 4, 17 for a 700-token and an empty sequence
+// over InternLM2's 8, 256 for one KV head at 8000 tokens. Each case runs again in 16-warp blocks (but the 40
+// sequences, which fill the device): 4, 4 (3 holding keys; 8 row blocks), unsplit, 4 (the empty sequence's
+// first split holds its only key and writes the output alone, the other three do nothing) and 32 ways. The
+// last split block of each merge merges it: a replay finds every arrival counter back at zero, or rows go
+// unwritten (NaN). Each case runs again as rope_kv_attention with fused ops on (16-bit activations): the
+// decode attention kernel rotates q and k itself and writes the new token's K/V, which later steps attend
+// over; over a quantized cache and at head_dim 8 the op runs as its two ops. Cases 4 and 5 add
+// InternLM2-1.8B's GQA 2 over 64-token blocks and that head_dim-8 fallback.
 TEST_CASE("cuda: split decode attention in graph steps matches the CPU, plain and with RoPE fused", "[gpu]") {
   LMD_REQUIRE_GPU();
   CpuBackend cpu;
@@ -524,14 +530,17 @@ TEST_CASE("cuda: split decode attention in graph steps matches the CPU, plain an
   for (size_t i = 0; i < cases.size(); ++i)
     for (DType dt : kDtypes)
       for (int bits : {0, 8, 4})
-        for (bool fused : {false, true}) {
-          if ((dt != DType::F16 && (bits != 0 || i == 3)) || (bits != 0 && i > 1)) continue;
-          if (fused && dt == DType::F32) continue;
-          INFO("case " << i << " " << dtype_name(dt) << " KV bits " << bits << (fused ? " fused" : ""));
-          CudaBackend gpu;
-          gpu.set_fused_ops(fused ? kFuseRope : kFuseNone);
-          run_attention_case(gpu, cpu, cases[i], dt, bits, rng, worst, {}, kGraphSteps, fused);
-        }
+        for (bool fused : {false, true})
+          for (bool wide : {false, true}) {
+            if ((dt != DType::F16 && (bits != 0 || i == 3)) || (bits != 0 && i > 1)) continue;
+            if (fused && dt == DType::F32) continue;
+            INFO("case " << i << " " << dtype_name(dt) << " KV bits " << bits << (fused ? " fused" : "")
+                         << (wide ? " wide" : ""));
+            CudaBackend gpu;
+            gpu.set_fused_ops(fused ? kFuseRope : kFuseNone);
+            gpu.set_wide_decode_attention(wide);
+            run_attention_case(gpu, cpu, cases[i], dt, bits, rng, worst, {}, kGraphSteps, fused);
+          }
   worst.report();
 }
 

@@ -135,7 +135,9 @@ struct CudaState {
   // The streaming dense GEMV (dense_gemv.cu), on unless LMD_DENSE_STREAM=0: on an H100 (2026-12-05) the
   // batch-1 linears took 4.56 against 4.81 ms (Llama-2-7B) and the graph step 1-4% less.
   bool dense_stream = env_switch("LMD_DENSE_STREAM", true);
-  bool wide_decode = env_switch("LMD_WIDE_DECODE", true);
+  // 16-warp decode attention blocks for small batches (attn_plan.cpp), off unless LMD_WIDE_DECODE=1:
+  // written in a session whose every request for a GPU was turned down, so not yet run on one.
+  bool wide_decode = env_switch("LMD_WIDE_DECODE", false);
   DeviceTensor w4_dense;
   DeviceTensor w4_x_fragments;  // the activations of the wide GEMV in fragment order (w4a16.h)
   // Arrival counters of the decode attention kernel's merges (kept zero between launches), sized at

@@ -104,9 +104,9 @@ class CudaBackend final : public Backend {
   // in flight through a shared-memory ring; default on, LMD_DENSE_STREAM=0 in the environment turns it off).
   // A change drops the decode-step graphs captured so far.
   void set_dense_gemv_stream(bool on);
-  // Decode attention of batches whose items leave SMs idle runs blocks of 16 warps rather than 4 (default
-  // on, LMD_WIDE_DECODE=0 in the environment turns it off; cuda/src/attn_plan.cpp says why). A change
-  // drops the decode-step graphs captured so far.
+  // Decode attention of batches whose items leave SMs idle runs blocks of 16 warps rather than 4 (default:
+  // LMD_WIDE_DECODE=1 in the environment; cuda/src/attn_plan.cpp says why). A change drops the
+  // decode-step graphs captured so far.
   void set_wide_decode_attention(bool on);
   int dense_gemv_max_rows() const;
   // Decode-step graphs so far: shapes captured, steps replayed, shapes that fell back to eager steps.
