@@ -13,6 +13,8 @@
 #   LMD_GPU_HF      0: leave out the transformers side of LMD_GPU_CHECK_MODELS [1]
 #   LMD_GPU_FUSED_AB  1: each model's batch-1 decode once more with the fused ops switched the other way
 #                   (LMD_FUSED_OPS, below; log gen-SHAPE-fusedN.log, N the setting) [0]
+#   LMD_GPU_AB_ENV  VAR=VALUE: each model's batch-1 decode once more with that variable set (log
+#                   gen-SHAPE-ab.log), e.g. LMD_WIDE_DECODE=1 [unset]
 #   LMD_GPU_KV      1: KV-cache quantization on a random Llama-2-7B: blocks at --cache-max-entry-count
 #                   0.8 and batch-64 decode with 2048-token contexts for --quant-policy 0/8/4 [0]
 #   LMD_GPU_AWQ     1: `lmd lite auto_awq` of a random InternLM2-1.8B on 128 x 2048 ptb tokens (issue #5:
@@ -116,6 +118,10 @@ for shape in ${LMD_GPU_CHECK_MODELS-llama2-7b internlm2-1.8b}; do
     LMD_FUSED_OPS=$other timeout 120 "$LMD" bench generation "$dir" -c 1 --prompt-tokens 128 --completion-tokens 128 \
       -w 1 --rounds 2 ${PEAK:+--peak-bandwidth $PEAK} >"$LOGS/gen-$shape-fused$other.log" 2>&1 || e2e_rc=1
   fi
+  if [[ -n "${LMD_GPU_AB_ENV:-}" ]]; then
+    env "$LMD_GPU_AB_ENV" timeout 120 "$LMD" bench generation "$dir" -c 1 --prompt-tokens 128 --completion-tokens 128 \
+      -w 1 --rounds 2 ${PEAK:+--peak-bandwidth $PEAK} >"$LOGS/gen-$shape-ab.log" 2>&1 || e2e_rc=1
+  fi
   timeout 60 "$LMD" bench generation "$dir" -c 1 --prompt-tokens 2048 --completion-tokens 8 -w 1 --rounds 2 \
     >"$LOGS/prefill-$shape.log" 2>&1 || e2e_rc=1
   if [[ "${LMD_GPU_HF:-1}" == 1 ]]; then
@@ -176,7 +182,7 @@ echo "== summary ($(date -u +%F), copy bandwidth ${PEAK:-?} GB/s) =="
 for shape in ${LMD_GPU_CHECK_MODELS-llama2-7b internlm2-1.8b}; do
   echo "-- $shape: lmd bench generation (decode, then 2048-token prefill; first token ms = prefill)"
   grep -E "^ *(batch| +[0-9]+ +[0-9]+ +[0-9]+ )" "$LOGS/gen-$shape.log" "$LOGS/prefill-$shape.log" \
-    "$LOGS/gen-$shape"-fused*.log 2>/dev/null |
+    "$LOGS/gen-$shape"-fused*.log "$LOGS/gen-$shape"-ab.log 2>/dev/null |
     sed "s|$LOGS/||" || true
   grep -iE "error|lmd:" "$LOGS/gen-$shape.log" | tail -3
   if [[ -f "$LOGS/hf-$shape.log" ]]; then
