@@ -351,6 +351,7 @@ __global__ void __launch_bounds__(W * 32)
   using Vec = CacheVec<T, BITS>;
   constexpr int E = Vec::E;
   constexpr int U = 4;
+  constexpr bool kBlocksAhead = W == kAttnDecodeWideWarps;
   extern __shared__ __align__(16) unsigned char smem[];
   // The work item, the block table and the RoPE frequencies are uploaded by copies before the step's
   // kernels, never written by one: they are read before chain_wait, while the previous kernel finishes.
@@ -361,7 +362,7 @@ __global__ void __launch_bounds__(W * 32)
   // Nothing to do (uniform over the block): rows past the item's, or a graph step's empty split of an item
   // that its first split writes whole. Such a block still waits for the previous kernel before it exits,
   // so that this grid completes after it (launch.cuh).
-  const bool idle = rows <= 0 || (w.partial < 0 && w.kv_begin >= w.kv_end);
+  const bool idle = rows <= 0 || (kBlocksAhead && w.partial < 0 && w.kv_begin >= w.kv_end);
   const int64_t qkv_row = int64_t(heads + 2 * g.kv_heads) * hd, row_bytes = int64_t(lanes) * 16;
   const int* seq_blocks = blocks + w.block_off;
   const unsigned char* data = static_cast<const unsigned char*>(cache);
@@ -371,8 +372,9 @@ __global__ void __launch_bounds__(W * 32)
   const int kv_end = new_key ? w.kv_end - 1 : w.kv_end;
   const float* freq = nullptr;
   if constexpr (ROPE) freq = rope.inv_freq + int64_t(rope.token_seq[w.token_begin]) * (hd / 2);
-  // The cache blocks of a warp's next U keys, read one round ahead of their K/V loads (the first round's
-  // before chain_wait) so that a round waits for one load latency rather than two.
+  // The cache blocks of a warp's U keys of a round. Wide blocks read them a round ahead of their K/V loads
+  // (the first round's before chain_wait), so that a round waits for one load latency rather than two;
+  // 4-warp blocks read each with its key's loads, as measured.
   const int step = U * keys_per_step;
   int key_block[U];
   auto read_key_blocks = [&](int base) {
@@ -382,7 +384,7 @@ __global__ void __launch_bounds__(W * 32)
       key_block[u] = pos < kv_end ? seq_blocks[pos / g.block_len] : 0;
     }
   };
-  if (!idle) read_key_blocks(w.kv_begin + warp * step);
+  if (kBlocksAhead && !idle) read_key_blocks(w.kv_begin + warp * step);
   chain_wait();
   if (idle) return;
 
@@ -416,15 +418,14 @@ __global__ void __launch_bounds__(W * 32)
       kx[u] = vx[u] = make_uint4(0, 0, 0, 0);
       kp[u] = vp[u] = 0;
       if (valid[u]) {
-        const int at = pos % g.block_len;
-        const int64_t krow = cache_row(g, key_block[u], 0, kvhead, at),
-                      vrow = cache_row(g, key_block[u], 1, kvhead, at);
+        const int block = kBlocksAhead ? key_block[u] : seq_blocks[pos / g.block_len], at = pos % g.block_len;
+        const int64_t krow = cache_row(g, block, 0, kvhead, at), vrow = cache_row(g, block, 1, kvhead, at);
         kx[u] = reinterpret_cast<const uint4*>(data + krow * row_bytes)[sub];
         vx[u] = reinterpret_cast<const uint4*>(data + vrow * row_bytes)[sub];
         if constexpr (BITS != 0) kp[u] = params[krow], vp[u] = params[vrow];
       }
     }
-    read_key_blocks(base + W * step);
+    if constexpr (kBlocksAhead) read_key_blocks(base + W * step);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (r >= rows) break;  // uniform over the block

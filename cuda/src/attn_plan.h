@@ -24,9 +24,10 @@ struct AttnPlan {
 // many as fill the device, or as many 32-key chunks, or 256-key ones for wide decode blocks, as
 // `graph_stride` blocks hold if fewer) and block lists are padded to `graph_stride` entries, so that the
 // metadata keeps its sizes between steps.
-// `wide_decode` false keeps decode blocks at 4 warps whatever the batch (for comparison).
+// `wide_decode` lets batches whose items leave SMs idle run 16-warp decode blocks (off: 4 warps always,
+// the backend's default; CudaBackend::set_wide_decode_attention).
 AttnPlan plan_attention(const std::vector<SeqSlice>& seqs, int heads, int elem_bytes, const KvGeometry& g,
-                        int sms, int graph_stride, bool wide_decode = true);
+                        int sms, int graph_stride, bool wide_decode = false);
 
 // Arrival counters (attn_counter_ints) that a plan for a device of `sms` multiprocessors needs at most:
 // items are split only while the grid has fewer than two blocks per multiprocessor.
