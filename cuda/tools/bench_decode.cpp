@@ -252,7 +252,7 @@ int main(int argc, char** argv) try {
   const double stream_graph_ms = graph_ms(kAllOps), stream_fused_graph_ms = graph_ms(kAllOps, kFuseAll);
   // The same step with the decode attention in 16-warp blocks (set_wide_decode_attention).
   be.set_wide_decode_attention(true);
-  const double wide_attn_graph_ms = graph_ms(kAllOps);
+  const double wide_attn_graph_ms = graph_ms(kAllOps), wide_rope_graph_ms = graph_ms(kAllOps, kFuseRope);
   be.set_wide_decode_attention(false);
   be.set_dense_gemv_stream(false);
   be.set_w4a16_stream(false);
@@ -328,7 +328,8 @@ int main(int argc, char** argv) try {
   const std::pair<const char*, double> stream_rows[] = {
       {"decode step, CUDA graph replay, streaming GEMVs", stream_graph_ms},
       {"the same with the fused ops", stream_fused_graph_ms},
-      {"the streaming GEMVs, decode attention in 16-warp blocks", wide_attn_graph_ms}};
+      {"the streaming GEMVs, decode attention in 16-warp blocks", wide_attn_graph_ms},
+      {"the same with RoPE + KV write fused into that attention", wide_rope_graph_ms}};
   for (const auto& [name, ms] : stream_rows)
     if (ms > 0)
       std::printf("| %s | %.3f ms | %.1f tok/s | %.0f GB/s | %.0f%% |\n", name, ms, 1e3 / ms,
