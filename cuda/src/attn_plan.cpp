@@ -68,8 +68,8 @@ AttnPlan plan_attention(const std::vector<SeqSlice>& seqs, int heads, int elem_b
   // kernel in blocks of kAttnDecodeWideWarps warps: a 128-key context is then one block per KV head that
   // merges its warps in shared memory, where 4-warp blocks needed several splits merged through global
   // memory (a fence, an arrival counter and a re-read of the partial slots on the critical path). Such
-  // blocks are split until there is about one per SM, and only past kWideKeysPerSplit keys: each warp then
-  // loads its keys in at most two rounds.
+  // blocks are split until there is about one per SM, and only past kWideKeysPerSplit keys (so that an
+  // unsplit item takes each warp at most two rounds of loads).
   plan.decode_warps = wide_decode && decode_v2 && num_decode_items * g.kv_heads < sms ? kAttnDecodeWideWarps
                                                                                       : kAttnDecodeWarps;
   const bool wide = plan.decode_warps == kAttnDecodeWideWarps;
@@ -107,18 +107,17 @@ AttnPlan plan_attention(const std::vector<SeqSlice>& seqs, int heads, int elem_b
     // unsplit item: its other splits are empty and do nothing. Its merge and partial slots stay reserved
     // for the graph's later steps. (4-warp items keep the plan they were measured with.)
     const bool direct = wide_item && splits > 1 && chunk >= it.kv_len;
+    const bool own_slot = splits > 1 && !direct;
     const int first_pos = q.context_len + (it.token_begin - q.token_offset),
               combine = int(plan.combine.size());
     if (splits > 1)
       plan.combine.push_back(
           {it.token_begin, it.token_count, it.head_begin, it.head_count, plan.partials, splits});
-    for (int s = 0; s < splits; ++s) {
-      const bool own_slot = splits > 1 && !direct;
+    for (int s = 0; s < splits; ++s)
       plan.work.push_back({it.token_begin, it.token_count, it.head_begin, it.head_count, first_pos,
                            block_off[it.seq], std::min(it.kv_len, s * chunk),
                            std::min(it.kv_len, (s + 1) * chunk), own_slot ? plan.partials + s : -1,
                            own_slot ? combine : -1});
-    }
     if (splits > 1) plan.partials += splits;
     if (it.token_count == 1) {
       plan.num_decode = int(plan.work.size());
