@@ -11,10 +11,8 @@
 #   LMD_GPU_CHECK_MODELS  `lmd bench generation` on random-weight checkpoints made here, beside Hugging
 #                   Face transformers (scripts/bench_transformers.py) ["llama2-7b internlm2-1.8b"]
 #   LMD_GPU_HF      0: leave out the transformers side of LMD_GPU_CHECK_MODELS [1]
-#   LMD_GPU_FUSED_AB  1: each model's batch-1 decode once more with the fused ops switched the other way
-#                   (LMD_FUSED_OPS, below; log gen-SHAPE-fusedN.log, N the setting) [0]
 #   LMD_GPU_AB_ENV  VAR=VALUE: each model's batch-1 decode once more with that variable set (log
-#                   gen-SHAPE-ab.log), e.g. LMD_WIDE_DECODE=1 [unset]
+#                   gen-SHAPE-ab.log), e.g. LMD_WIDE_DECODE=1 or LMD_FUSED_OPS=1 [unset]
 #   LMD_GPU_KV      1: KV-cache quantization on a random Llama-2-7B: blocks at --cache-max-entry-count
 #                   0.8 and batch-64 decode with 2048-token contexts for --quant-policy 0/8/4 [0]
 #   LMD_GPU_AWQ     1: `lmd lite auto_awq` of a random InternLM2-1.8B on 128 x 2048 ptb tokens (issue #5:
@@ -112,12 +110,6 @@ for shape in ${LMD_GPU_CHECK_MODELS-llama2-7b internlm2-1.8b}; do
     >"$LOGS/make-$shape.log" 2>&1 || { tail -5 "$LOGS/make-$shape.log"; e2e_rc=1; continue; }
   timeout 120 "$LMD" bench generation "$dir" -c 1 64 --prompt-tokens 128 --completion-tokens 128 -w 1 --rounds 2 \
     ${PEAK:+--peak-bandwidth $PEAK} --json "$LOGS/gen-$shape.json" >"$LOGS/gen-$shape.log" 2>&1 || e2e_rc=1
-  if [[ "${LMD_GPU_FUSED_AB:-0}" == 1 ]]; then
-    # The same batch-1 decode with the other setting of the fused ops.
-    other=$([[ -n "${LMD_FUSED_OPS:-}" && "${LMD_FUSED_OPS}" != 0 ]] && echo 0 || echo 1)
-    LMD_FUSED_OPS=$other timeout 120 "$LMD" bench generation "$dir" -c 1 --prompt-tokens 128 --completion-tokens 128 \
-      -w 1 --rounds 2 ${PEAK:+--peak-bandwidth $PEAK} >"$LOGS/gen-$shape-fused$other.log" 2>&1 || e2e_rc=1
-  fi
   if [[ -n "${LMD_GPU_AB_ENV:-}" ]]; then
     env "$LMD_GPU_AB_ENV" timeout 120 "$LMD" bench generation "$dir" -c 1 --prompt-tokens 128 --completion-tokens 128 \
       -w 1 --rounds 2 ${PEAK:+--peak-bandwidth $PEAK} >"$LOGS/gen-$shape-ab.log" 2>&1 || e2e_rc=1
@@ -182,7 +174,7 @@ echo "== summary ($(date -u +%F), copy bandwidth ${PEAK:-?} GB/s) =="
 for shape in ${LMD_GPU_CHECK_MODELS-llama2-7b internlm2-1.8b}; do
   echo "-- $shape: lmd bench generation (decode, then 2048-token prefill; first token ms = prefill)"
   grep -E "^ *(batch| +[0-9]+ +[0-9]+ +[0-9]+ )" "$LOGS/gen-$shape.log" "$LOGS/prefill-$shape.log" \
-    "$LOGS/gen-$shape"-fused*.log "$LOGS/gen-$shape"-ab.log 2>/dev/null |
+    "$LOGS/gen-$shape"-ab.log 2>/dev/null |
     sed "s|$LOGS/||" || true
   grep -iE "error|lmd:" "$LOGS/gen-$shape.log" | tail -3
   if [[ -f "$LOGS/hf-$shape.log" ]]; then
