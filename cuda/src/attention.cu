@@ -351,10 +351,10 @@ __global__ void __launch_bounds__(W * 32)
   using Vec = CacheVec<T, BITS>;
   constexpr int E = Vec::E;
   constexpr int U = 4;
-  constexpr bool kBlocksAhead = W == kAttnDecodeWideWarps;
+  constexpr bool kWide = W == kAttnDecodeWideWarps;
   extern __shared__ __align__(16) unsigned char smem[];
   // The work item, the block table and the RoPE frequencies are uploaded by copies before the step's
-  // kernels, never written by one: they are read before chain_wait, while the previous kernel finishes.
+  // kernels, never written by one: they may be read before chain_wait, while the previous kernel finishes.
   const AttnWork w = work[blockIdx.x];
   const int kvhead = blockIdx.y, hd = g.head_dim, group = heads / g.kv_heads, row0 = blockIdx.z * R;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, sub = lane % lanes, slot = lane / lanes;
@@ -362,7 +362,7 @@ __global__ void __launch_bounds__(W * 32)
   // Nothing to do (uniform over the block): rows past the item's, or a graph step's empty split of an item
   // that its first split writes whole. Such a block still waits for the previous kernel before it exits,
   // so that this grid completes after it (launch.cuh).
-  const bool idle = rows <= 0 || (kBlocksAhead && w.partial < 0 && w.kv_begin >= w.kv_end);
+  const bool idle = rows <= 0 || (kWide && w.partial < 0 && w.kv_begin >= w.kv_end);
   const int64_t qkv_row = int64_t(heads + 2 * g.kv_heads) * hd, row_bytes = int64_t(lanes) * 16;
   const int* seq_blocks = blocks + w.block_off;
   const unsigned char* data = static_cast<const unsigned char*>(cache);
@@ -384,7 +384,7 @@ __global__ void __launch_bounds__(W * 32)
       key_block[u] = pos < kv_end ? seq_blocks[pos / g.block_len] : 0;
     }
   };
-  if (kBlocksAhead && !idle) read_key_blocks(w.kv_begin + warp * step);
+  if (kWide && !idle) read_key_blocks(w.kv_begin + warp * step);
   chain_wait();
   if (idle) return;
 
@@ -418,14 +418,14 @@ __global__ void __launch_bounds__(W * 32)
       kx[u] = vx[u] = make_uint4(0, 0, 0, 0);
       kp[u] = vp[u] = 0;
       if (valid[u]) {
-        const int block = kBlocksAhead ? key_block[u] : seq_blocks[pos / g.block_len], at = pos % g.block_len;
+        const int block = kWide ? key_block[u] : seq_blocks[pos / g.block_len], at = pos % g.block_len;
         const int64_t krow = cache_row(g, block, 0, kvhead, at), vrow = cache_row(g, block, 1, kvhead, at);
         kx[u] = reinterpret_cast<const uint4*>(data + krow * row_bytes)[sub];
         vx[u] = reinterpret_cast<const uint4*>(data + vrow * row_bytes)[sub];
         if constexpr (BITS != 0) kp[u] = params[krow], vp[u] = params[vrow];
       }
     }
-    if constexpr (kBlocksAhead) read_key_blocks(base + W * step);
+    if constexpr (kWide) read_key_blocks(base + W * step);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (r >= rows) break;  // uniform over the block
